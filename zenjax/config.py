@@ -1,0 +1,201 @@
+"""The three frozen configs of zenjax, one per concern, and the one function that builds each.
+
+* `ModelConfig`  - the architecture, built from a Hugging Face `config.json` by `model_config_from_hf`.
+* `DCAConfig`    - Dual Chunk Attention (spec: shared/spec/long-context.md section 2), part of the model
+                   config when the checkpoint carries `dual_chunk_attention_config`.
+* `EngineConfig` - how one engine instance runs a model (cache length, chunk size, slots, attention
+                   implementation), built by `engine_config` from `zenjax.load`'s keyword arguments.
+
+No config trees: a variant is `dataclasses.replace(cfg, field=value)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+ATTENTION_IMPLS = ("auto", "reference", "cudnn", "pallas")
+
+
+class ConfigError(ValueError):
+    """A config field is missing or has a value zenjax cannot run; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DCAConfig:
+    """Dual Chunk Attention. Names follow the HF `dual_chunk_attention_config`.
+
+    chunk_size (c): the pretraining window; local_size (w): exact-distance window across a chunk
+    boundary; the sequence is cut every `chunk_len = c - w` tokens (s in the spec), NOT every c.
+    Example (Qwen2.5-7B-Instruct-1M): c=262144, w=8192 -> s=253952.
+    """
+
+    chunk_size: int
+    local_size: int
+    original_max_position_embeddings: int
+
+    def __post_init__(self):
+        if self.chunk_size <= 0 or self.local_size < 0:
+            raise ConfigError(f"dual_chunk_attention_config: chunk_size={self.chunk_size} must be > 0 "
+                              f"and local_size={self.local_size} >= 0")
+        if self.local_size >= self.chunk_size:
+            raise ConfigError(f"dual_chunk_attention_config: local_size={self.local_size} must be < "
+                              f"chunk_size={self.chunk_size}")
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError("dual_chunk_attention_config: original_max_position_embeddings must be > 0")
+
+    @property
+    def chunk_len(self) -> int:
+        """s = c - w: where the sequence is cut."""
+        return self.chunk_size - self.local_size
+
+    @property
+    def succ_cap(self) -> int:
+        """Largest successive-chunk query position (vLLM clamps to c, spec section 2.2)."""
+        return self.chunk_size
+
+    @property
+    def inter_pos(self) -> int:
+        """Constant query position against chunks two or more back: min(2s - 1, c)."""
+        return min(2 * self.chunk_len - 1, self.chunk_size)
+
+    def temperature(self, length: int) -> float:
+        """m(L) = max(1, 0.1 ln(L / L0) + 1); logits are multiplied by m^2 (spec section 2.6).
+
+        Worked example: L0 = 262144, L = 1,000,000 -> m = 1.1339, m^2 = 1.2857.
+        """
+        return max(1.0, 0.1 * math.log(max(length, 1) / self.original_max_position_embeddings) + 1.0)
+
+    def to_hf(self) -> dict:
+        return {"chunk_size": self.chunk_size, "local_size": self.local_size,
+                "original_max_position_embeddings": self.original_max_position_embeddings}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Qwen2 decoder. Dimension letters (see zenjax/model.py) in comments."""
+
+    vocab_size: int            # V (padded rows kept: 152064 > 151665 tokens for Qwen2.5-7B)
+    hidden_size: int           # D
+    intermediate_size: int     # F
+    num_layers: int
+    num_heads: int             # N
+    num_kv_heads: int          # K
+    head_dim: int              # H
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    dca: DCAConfig | None = None
+    architecture: str = "Qwen2ForCausalLM"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field {name}={getattr(self, name)} must be > 0")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_attention_heads={self.num_heads} is not a multiple of "
+                              f"num_key_value_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def group(self) -> int:
+        """G = N / K query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["dca"] = self.dca.to_hf() if self.dca else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        dca = d.pop("dca", None)
+        return cls(**d, dca=DCAConfig(**dca) if dca else None)
+
+
+def _req(hf: Mapping[str, Any], key: str):
+    if key not in hf or hf[key] is None:
+        raise ConfigError(f"config.json: required field '{key}' is missing")
+    return hf[key]
+
+
+def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
+    """The only place that reads Hugging Face config field names."""
+    archs = hf.get("architectures") or []
+    arch = archs[0] if archs else hf.get("model_type", "<none>")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"config.json: architecture '{arch}' is not supported "
+                          f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+    hidden = int(_req(hf, "hidden_size"))
+    heads = int(_req(hf, "num_attention_heads"))
+    head_dim = hf.get("head_dim") or (hidden // heads)
+    rope_scaling = hf.get("rope_scaling")
+    if rope_scaling and (rope_scaling.get("type") or rope_scaling.get("rope_type")) not in (None, "default"):
+        raise ConfigError(f"config.json: rope_scaling={rope_scaling!r} is not supported; Qwen2.5-1M models "
+                          "extrapolate with dual_chunk_attention_config instead (spec pitfall 6)")
+    dca_hf = hf.get("dual_chunk_attention_config")
+    dca = None
+    if dca_hf:
+        dca = DCAConfig(int(_req(dca_hf, "chunk_size")), int(_req(dca_hf, "local_size")),
+                        int(_req(dca_hf, "original_max_position_embeddings")))
+    return ModelConfig(
+        vocab_size=int(_req(hf, "vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(_req(hf, "intermediate_size")),
+        num_layers=int(_req(hf, "num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        dca=dca,
+        architecture=arch,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How an engine runs a model. Every compiled shape derives from these numbers (see
+    `zenjax.engine.compiled_shapes`)."""
+
+    max_model_len: int = 4096        # S: KV cache slots per sequence
+    prefill_chunk: int = 8192        # T of one prefill step (the last chunk is padded and masked)
+    max_batch: int = 1               # B: decode slots (sequences decoding together)
+    attention: str = "reference"     # resolved impl: reference | cudnn | pallas
+    dtype: str = "bfloat16"          # activations and weights
+    cache_dtype: str = "bfloat16"    # KV cache
+
+    def __post_init__(self):
+        if self.max_model_len <= 0:
+            raise ConfigError(f"max_model_len={self.max_model_len} must be > 0")
+        if self.prefill_chunk <= 0:
+            raise ConfigError(f"prefill_chunk={self.prefill_chunk} must be > 0")
+        if self.max_batch <= 0:
+            raise ConfigError(f"max_batch={self.max_batch} must be > 0")
+        if self.attention not in ATTENTION_IMPLS[1:]:
+            raise ConfigError(f"attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
+
+
+def resolve_attention(impl: str, platform: str) -> str:
+    """'auto' -> cudnn on GPU, reference elsewhere."""
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"attention={impl!r}: expected one of {ATTENTION_IMPLS}")
+    if impl == "auto":
+        return "cudnn" if platform == "gpu" else "reference"
+    return impl
+
+
+def engine_config(*, max_model_len: int, prefill_chunk: int = 8192, max_batch: int = 1,
+                  attention: str = "auto", dtype: str = "bfloat16", cache_dtype: str | None = None,
+                  platform: str = "cpu") -> EngineConfig:
+    """The one function that builds an EngineConfig (from zenjax.load's or the server's arguments)."""
+    return EngineConfig(max_model_len=max_model_len, prefill_chunk=min(prefill_chunk, max_model_len),
+                        max_batch=max_batch, attention=resolve_attention(attention, platform),
+                        dtype=dtype, cache_dtype=cache_dtype or dtype)
