@@ -1,0 +1,163 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX, and its KV cache.
+
+Dimension alphabet, used in every einsum, shape comment and name in zenjax:
+    B  batch (decode slots)      T  queries (tokens of this step)   S  keys (KV cache slots)
+    D  model width               N  query heads                     K  kv heads
+    G  group = N / K             H  head dim                        F  MLP width     V  vocab
+
+One step of the model (prefill chunk or decode) for the tokens [B, T] at absolute positions
+q_start + [0, T):
+    x = embed[tokens]                                            [B, T, D]
+    per layer:  h = rms(x);  q, k, v = h @ wq + bq, ...          [B, T, N|K, H]
+                rotate (plain RoPE by position; DCA: k by j mod s, q three ways; temperature m on q, k)
+                write k, v into the cache at their positions (positions >= S are dropped: padding)
+                a = attention(q, cache, impl)  -> x += a @ wo;   x += swiglu(rms(x))
+    logits only for the rows asked for (never a [T, V] array for a long prompt while serving)
+
+The weights are nnx.Params whose metadata `logical_axes` comes from zenjax/params.py; the cache is a
+pytree of one [B, S, K, H] array per layer for k and for v, donated to every jitted step so XLA updates
+it in place. Layers are unrolled (not scanned) so each layer's cache is its own buffer that attention
+reads without a copy.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from zenjax import attention as attn_lib
+from zenjax.config import ModelConfig
+from zenjax.params import layer_param_specs, param_specs
+from zenjax.rope import apply_rope
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    k: list    # num_layers x [B, S, K, H]
+    v: list    # num_layers x [B, S, K, H]
+
+    @staticmethod
+    def zeros(cfg: ModelConfig, batch: int, max_len: int, dtype, sharding=None) -> "KVCache":
+        shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        make = (lambda: jnp.zeros(shape, dtype)) if sharding is None else \
+            jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return KVCache([make() for _ in range(cfg.num_layers)], [make() for _ in range(cfg.num_layers)])
+
+    @staticmethod
+    def nbytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
+        return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class StepInputs:
+    """What one jitted step needs besides weights and cache. Shapes for a step of B rows x T tokens."""
+
+    tokens: jax.Array       # [B, T] int32
+    q_start: jax.Array      # [B] int32   absolute position of row 0
+    kv_len: jax.Array       # [B] int32   valid keys after this step (q_start + valid tokens)
+    write_pos: jax.Array    # [B, T] int32 cache slot of each token; >= S for padding (dropped)
+    temp: jax.Array         # [B] f32     DCA temperature m(L) (1.0 when off), spec 2.6
+
+
+def rms_norm(x, w, eps: float):
+    """HF Qwen2RMSNorm: fp32 statistics, cast back to x's dtype, then times the weight."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * y.astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """One decoder layer's weights (names and shapes: zenjax/params.py)."""
+
+    def __init__(self, cfg: ModelConfig, l: int, arrays: dict):
+        for name, spec in layer_param_specs(cfg, l).items():
+            setattr(self, name, nnx.Param(arrays[name], logical_axes=spec.axes))
+
+
+class Qwen2(nnx.Module):
+    def __init__(self, cfg: ModelConfig, params: dict):
+        """params: nested dict laid out as zenjax/params.py (layers keyed "0", "1", ...)."""
+        specs = param_specs(cfg)
+        self.cfg = cfg
+        self.embed = nnx.Param(params["embed"], logical_axes=specs[("embed",)].axes)
+        self.layers = nnx.List([Block(cfg, l, params["layers"][str(l)]) for l in range(cfg.num_layers)])
+        self.final_norm = nnx.Param(params["final_norm"], logical_axes=specs[("final_norm",)].axes)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nnx.Param(params["lm_head"], logical_axes=specs[("lm_head",)].axes)
+
+    def head_weight(self):
+        return self.embed[...] if self.cfg.tie_word_embeddings else self.lm_head[...]
+
+    def _rotate(self, q, k, positions, temp):
+        """Plain RoPE: q [B,T,N,H], k [B,T,K,H] by absolute positions. DCA: k by j mod s and q three
+        ways -> q [3,B,T,N,H]; both scaled by the temperature m (vLLM's convention, spec 2.6)."""
+        cfg = self.cfg
+        if cfg.dca is None:
+            return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
+        from zenjax.dca import dca_positions
+        key_pos, q_intra, q_succ, q_inter = dca_positions(positions, cfg.dca)
+        m = temp[:, None, None, None].astype(q.dtype)
+        k = apply_rope(k, key_pos, cfg.rope_theta) * m
+        q3 = jnp.stack([apply_rope(q, p, cfg.rope_theta) for p in (q_intra, q_succ, q_inter)]) * m
+        return q3, k
+
+    def __call__(self, inp: StepInputs, cache: KVCache, *, impl: str, slot=None, logits_rows=None):
+        """Run one step. slot=None: rows are the cache's batch rows (decode). slot=i (traced int):
+        the single row of `inp` is cache row i (prefill of one slot among several).
+
+        logits_rows: None -> logits for every token [B, T, V] (short inputs only); an int array [B] ->
+        logits of that row of each sequence [B, V]. Returns (logits float32, new cache).
+        """
+        cfg = self.cfg
+        B, T = inp.tokens.shape
+        positions = inp.q_start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
+        x = jnp.take(self.embed[...], inp.tokens, axis=0)                              # [B, T, D]
+        new_k, new_v = [], []
+        for l, blk in enumerate(self.layers):
+            h = rms_norm(x, blk.attn_norm[...], cfg.rms_norm_eps)
+            q = jnp.einsum("btd,dnh->btnh", h, blk.wq[...]) + blk.bq[...]
+            k = jnp.einsum("btd,dkh->btkh", h, blk.wk[...]) + blk.bk[...]
+            v = jnp.einsum("btd,dkh->btkh", h, blk.wv[...]) + blk.bv[...]
+            q, k = self._rotate(q, k, positions, inp.temp)
+            k_cache, v_cache = cache.k[l], cache.v[l]
+            rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
+            k_cache = k_cache.at[rows, inp.write_pos].set(k.astype(k_cache.dtype), mode="drop")
+            v_cache = v_cache.at[rows, inp.write_pos].set(v.astype(v_cache.dtype), mode="drop")
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+            if slot is None:
+                k_read, v_read = k_cache, v_cache
+            else:
+                k_read = jax.lax.dynamic_slice_in_dim(k_cache, slot, B, axis=0)
+                v_read = jax.lax.dynamic_slice_in_dim(v_cache, slot, B, axis=0)
+            a = attn_lib.attention(q, k_read, v_read, q_start=inp.q_start, kv_len=inp.kv_len,
+                                   impl=impl, dca=cfg.dca)
+            x = x + jnp.einsum("btnh,nhd->btd", a.astype(x.dtype), blk.wo[...])
+            h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
+            gate = jnp.einsum("btd,df->btf", h, blk.w_gate[...])
+            up = jnp.einsum("btd,df->btf", h, blk.w_up[...])
+            x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, blk.w_down[...])
+        if logits_rows is not None:
+            x = jnp.take_along_axis(x, logits_rows[:, None, None], axis=1)[:, 0]        # [B, D]
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        logits = jnp.einsum("...d,vd->...v", x, self.head_weight()).astype(jnp.float32)
+        return logits, KVCache(new_k, new_v)
+
+
+def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict:
+    """Random weights laid out as zenjax/params.py (norms at 1, biases small)."""
+    from zenjax.params import nested_set
+    params: dict = {}
+    specs = param_specs(cfg)
+    keys = jax.random.split(key, len(specs))
+    for k, (path, spec) in zip(keys, specs.items()):
+        if path[-1].endswith("norm"):
+            value = jnp.ones(spec.shape, dtype)
+        else:
+            value = (jax.random.normal(k, spec.shape, jnp.float32) * scale).astype(dtype)
+        nested_set(params, path, value)
+    return params
