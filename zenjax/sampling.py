@@ -111,7 +111,7 @@ def filter_logits(logits, temperature, top_k, top_p, min_p):
     # top-p: HF removes tokens whose ascending cumulative prob <= 1 - top_p (keeps at least one)
     probs_sorted = jax.nn.softmax(sorted_x, axis=-1)
     cum_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted             # mass strictly above
-    keep_sorted = (cum_before < top_p[:, None]) | (jnp.arange(V)[None, :] == 0)
+    keep_sorted = (cum_before < top_p[:, None]) | (top_p[:, None] >= 1.0) | (jnp.arange(V)[None, :] == 0)
     n_keep = jnp.sum(keep_sorted, axis=-1)
     threshold = jnp.take_along_axis(sorted_x, (n_keep - 1)[:, None], axis=-1)
     x = jnp.where(x < threshold, NEG_INF, x)

@@ -1,0 +1,70 @@
+"""Shared pieces of the GPU benchmarks: the Qwen2.5-7B-Instruct-1M shape, random bf16 weights made on
+the device, the two ceilings (matmul rate, copy bandwidth) measured in the same run, and timing."""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from zenjax.config import DCAConfig, ModelConfig
+
+QWEN25_7B_1M = ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                           num_heads=28, num_kv_heads=4, head_dim=128, rope_theta=1e7, rms_norm_eps=1e-5,
+                           tie_word_embeddings=False, max_position_embeddings=1010000,
+                           dca=DCAConfig(262144, 8192, 262144))
+
+
+# A tiny model with the 7B head layout (28 q / 4 kv heads) for `--smoke` runs on the CPU.
+SMOKE = ModelConfig(vocab_size=512, hidden_size=224, intermediate_size=128, num_layers=2, num_heads=28,
+                    num_kv_heads=4, head_dim=8, rope_theta=1e7, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                    max_position_embeddings=4096, dca=DCAConfig(256, 32, 256))
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    return cfg.num_layers * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)
+
+
+def random_params(cfg: ModelConfig, dtype=jnp.bfloat16):
+    """Random weights generated on the device, one tensor at a time (no host copy of 15 GB)."""
+    from zenjax.model import init_params
+    return jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(0))
+
+
+def timeit(f, *args, n=3, warmup=1):
+    for _ in range(warmup):
+        jax.block_until_ready(f(*args))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def ceilings(small: bool = False) -> dict:
+    """Matmul TFLOP/s (8192^3 bf16) and device copy bandwidth (bytes read + written), measured now."""
+    n, m = (512, 1 << 20) if small else (8192, 1 << 30)        # 2 GiB copy on the GPU
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
+    t = timeit(jax.jit(lambda x: x @ x), a, n=10)
+    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
+    tc = timeit(jax.jit(lambda x: x + 1), x, n=10)
+    del x
+    return {"matmul_tflops": round(2 * n**3 / t / 1e12, 1), "copy_tbs": round(2 * 2 * m / tc / 1e12, 3)}
+
+
+def peak_memory_gib() -> float:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use", 0) / 2**30
+
+
+def write_json(name: str, data: dict) -> None:
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(data, f, indent=1)
+    print(json.dumps(data, indent=1))

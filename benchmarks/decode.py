@@ -1,0 +1,71 @@
+"""Decode speed, Qwen2.5-7B-Instruct-1M shape, random bf16 weights, against the bytes a step must read.
+
+    PYTHONPATH=. python3 benchmarks/decode.py --contexts 8192,131072 [--batch 1]
+
+Bytes per step = layer weights + lm_head (V x D) + the K/V cache of every sequence up to its context;
+GB/s = bytes / step time, compared with the device copy bandwidth measured in the same run. The cache is
+not prefilled (its contents do not change the cost); positions are set as if it were.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+from benchmarks.common import QWEN25_7B_1M, SMOKE, ceilings, layer_params, peak_memory_gib, random_params, write_json
+from zenjax.config import engine_config
+from zenjax.engine import Engine
+from zenjax.sampling import SamplingParams
+
+
+def run(contexts, batch: int, dca: bool, attention: str, cache_dtype: str, warm: dict, steps: int = 32):
+    cfg = QWEN25_7B_1M if dca else dataclasses.replace(QWEN25_7B_1M, dca=None)
+    params = random_params(cfg)
+    rows = []
+    for ctx in contexts:
+        ec = engine_config(max_model_len=ctx + steps + 8, prefill_chunk=256, max_batch=batch, attention=attention,
+                           dtype="bfloat16", cache_dtype=cache_dtype, platform="any")
+        engine = Engine(cfg, params, ec)
+        slots = list(range(batch))
+        for s in slots:      # pretend the prompt was prefilled: decode cost does not depend on cache values
+            seq = engine.start(s, [1] * ctx, SamplingParams(max_new_tokens=steps + 8, seed=s))
+            seq.prefilled, seq.last_token = ctx, 1
+        for _ in range(3):
+            engine.decode(slots)                                # compile + warm
+        t = time.perf_counter()
+        for _ in range(steps):
+            engine.decode(slots)
+        dt = (time.perf_counter() - t) / steps
+        itemsize = 1 if "float8" in cache_dtype else 2
+        kv = 2 * cfg.num_layers * batch * ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
+        by = 2 * layer_params(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + kv
+        row = dict(context=ctx, batch=batch, dca=dca, attention=attention, cache_dtype=cache_dtype,
+                   ms_per_step=round(dt * 1e3, 2), tokens_per_s=round(batch / dt, 1),
+                   gbs=round(by / dt / 1e9, 1), pct_copy_bw=round(100 * by / dt / 1e12 / warm["copy_tbs"], 1),
+                   peak_gib=round(peak_memory_gib(), 2))
+        print(row, flush=True)
+        rows.append(row)
+        del engine
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--contexts", default="8192,131072")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--dca", action="store_true")
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--cache-dtype", default="bfloat16")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on any backend: checks the script runs")
+    a = ap.parse_args(argv)
+    global QWEN25_7B_1M
+    if a.smoke:
+        QWEN25_7B_1M, a.attention = SMOKE, "reference"
+    warm = ceilings(small=a.smoke)
+    print(warm, flush=True)
+    rows = run([int(x) for x in a.contexts.split(",")], a.batch, a.dca, a.attention, a.cache_dtype, warm)
+    write_json(f"decode{'_dca' if a.dca else ''}_b{a.batch}.json", {"ceilings": warm, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
