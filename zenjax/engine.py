@@ -23,6 +23,7 @@ and donated to every step.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import sys
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config
 from zenjax.model import KVCache, Qwen2, StepInputs
@@ -43,8 +45,7 @@ from zenjax.sharding import CACHE_AXES, make_mesh, sharding_for
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
 
 
-class PromptError(ValueError):
-    """The prompt is empty, too long, or malformed; the message names what is wrong."""
+from zenjax.tokenizer import PromptError  # noqa: E402  (one error class for every bad prompt)
 
 
 @dataclasses.dataclass
@@ -126,23 +127,31 @@ class Engine:
                   file=sys.stderr)
         self._cache = KVCache.zeros(cfg, ec.max_batch, ec.max_model_len, cache_dtype,
                                     sharding_for(CACHE_AXES, self.mesh))
-        self._sampler = SamplerState.empty(ec.max_batch, cfg.vocab_size)
+        # placed on the mesh from the start so the first step's output has the same type as its input
+        # (otherwise every step function compiles a second time)
+        self._sampler = jax.device_put(SamplerState.empty(ec.max_batch, cfg.vocab_size),
+                                       NamedSharding(self.mesh, PartitionSpec()))
         self._seqs: dict[int, SequenceState] = {}
         self._build_steps()
 
     # ---------------------------------------------------------------- jitted steps
     def _build_steps(self):
         graphdef, impl = self._graphdef, self.engine_config.attention
+        # Python bodies run only when JAX traces (compiles) them: this counts compilations per step.
+        self.trace_counts: collections.Counter = collections.Counter()
 
         def prefill(state, cache, inp, slot, last_row):
+            self.trace_counts["prefill"] += 1
             model = nnx.merge(graphdef, state)
             return model(inp, cache, impl=impl, slot=slot, logits_rows=last_row)
 
         def prefill_all(state, cache, inp, slot):
+            self.trace_counts["prefill_all_logits"] += 1
             model = nnx.merge(graphdef, state)
             return model(inp, cache, impl=impl, slot=slot, logits_rows=None)
 
         def decode(state, cache, sampler, inp):
+            self.trace_counts["decode"] += 1
             model = nnx.merge(graphdef, state)
             logits, cache = model(inp, cache, impl=impl, slot=None,
                                   logits_rows=jnp.zeros((inp.tokens.shape[0],), jnp.int32))
