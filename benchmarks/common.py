@@ -54,7 +54,7 @@ def ceilings(small: bool = False) -> dict:
     x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
     tc = timeit(jax.jit(lambda x: x + 1), x, n=10)
     del x
-    return {"matmul_tflops": round(2 * n**3 / t / 1e12, 1), "copy_tbs": round(2 * 2 * m / tc / 1e12, 3)}
+    return {"matmul_tflops": round(2 * n**3 / t / 1e12, 4), "copy_tbs": round(2 * 2 * m / tc / 1e12, 3)}
 
 
 def peak_memory_gib() -> float:

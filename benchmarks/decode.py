@@ -18,9 +18,10 @@ from zenjax.engine import Engine
 from zenjax.sampling import SamplingParams
 
 
-def run(contexts, batch: int, dca: bool, attention: str, cache_dtype: str, warm: dict, steps: int = 32):
+def run(contexts, batch: int, dca: bool, attention: str, cache_dtype: str, warm: dict, steps: int = 32,
+        params=None):
     cfg = QWEN25_7B_1M if dca else dataclasses.replace(QWEN25_7B_1M, dca=None)
-    params = random_params(cfg)
+    params = params if params is not None else random_params(cfg)
     rows = []
     for ctx in contexts:
         ec = engine_config(max_model_len=ctx + steps + 8, prefill_chunk=256, max_batch=batch, attention=attention,

@@ -29,9 +29,10 @@ def ttft(engine: Engine, ids) -> float:
     return time.perf_counter() - t
 
 
-def run(lengths, chunk: int, dca: DCAConfig | None, attention: str, cache_dtype: str, warm: dict) -> list[dict]:
+def run(lengths, chunk: int, dca: DCAConfig | None, attention: str, cache_dtype: str, warm: dict,
+        params=None) -> list[dict]:
     cfg = dataclasses.replace(QWEN25_7B_1M, dca=dca)
-    params = random_params(cfg)
+    params = params if params is not None else random_params(cfg)
     rows = []
     for L in lengths:
         ec = engine_config(max_model_len=L + 256, prefill_chunk=chunk, max_batch=1, attention=attention,
