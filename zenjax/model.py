@@ -33,22 +33,61 @@ from zenjax.params import layer_param_specs, param_specs
 from zenjax.rope import apply_rope
 
 
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0       # largest finite e4m3fn value
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: list    # num_layers x [B, S, K, H]
-    v: list    # num_layers x [B, S, K, H]
+    """One [B, S, K, H] buffer per layer for k and v. With an fp8 (e4m3) cache, each (token, kv head)
+    vector also has a float32 scale in k_scale / v_scale [B, S, K]: x ~= x8 * scale with
+    scale = max|x| / 448, so every head of every token uses the full e4m3 range. Example: a key head
+    whose largest component is 3.5 gets scale 3.5/448 and is stored as values up to 448."""
+
+    k: list
+    v: list
+    k_scale: list | None = None
+    v_scale: list | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.k_scale is not None
 
     @staticmethod
     def zeros(cfg: ModelConfig, batch: int, max_len: int, dtype, sharding=None) -> "KVCache":
         shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        make = (lambda: jnp.zeros(shape, dtype)) if sharding is None else \
-            jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        return KVCache([make() for _ in range(cfg.num_layers)], [make() for _ in range(cfg.num_layers)])
+
+        def make(shape, dtype):
+            if sharding is None:
+                return jnp.zeros(shape, dtype)
+            spec = jax.sharding.PartitionSpec(*tuple(sharding.spec)[: len(shape)])
+            return jax.jit(lambda: jnp.zeros(shape, dtype),
+                           out_shardings=jax.sharding.NamedSharding(sharding.mesh, spec))()
+
+        L = cfg.num_layers
+        k = [make(shape, dtype) for _ in range(L)]
+        v = [make(shape, dtype) for _ in range(L)]
+        if jnp.dtype(dtype) != FP8:
+            return KVCache(k, v)
+        return KVCache(k, v, [make(shape[:3], jnp.float32) for _ in range(L)],
+                       [make(shape[:3], jnp.float32) for _ in range(L)])
 
     @staticmethod
     def nbytes(cfg: ModelConfig, batch: int, max_len: int, dtype) -> int:
-        return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+        per_token_head = cfg.head_dim * jnp.dtype(dtype).itemsize + (4 if jnp.dtype(dtype) == FP8 else 0)
+        return 2 * cfg.num_layers * batch * max_len * cfg.num_kv_heads * per_token_head
+
+
+def quantize_fp8(x):
+    """[..., H] -> (e4m3 values [..., H], float32 scales [...])."""
+    xf = x.astype(jnp.float32)
+    scale = jnp.maximum(jnp.max(jnp.abs(xf), axis=-1), 1e-12) / FP8_MAX
+    return (xf / scale[..., None]).astype(FP8), scale
+
+
+def dequantize_fp8(x8, scale, dtype):
+    return (x8.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 @jax.tree_util.register_dataclass
@@ -116,24 +155,16 @@ class Qwen2(nnx.Module):
         B, T = inp.tokens.shape
         positions = inp.q_start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
         x = jnp.take(self.embed[...], inp.tokens, axis=0)                              # [B, T, D]
-        new_k, new_v = [], []
+        new_k, new_v, new_ks, new_vs = [], [], [], []
         for l, blk in enumerate(self.layers):
             h = rms_norm(x, blk.attn_norm[...], cfg.rms_norm_eps)
             q = jnp.einsum("btd,dnh->btnh", h, blk.wq[...]) + blk.bq[...]
             k = jnp.einsum("btd,dkh->btkh", h, blk.wk[...]) + blk.bk[...]
             v = jnp.einsum("btd,dkh->btkh", h, blk.wv[...]) + blk.bv[...]
             q, k = self._rotate(q, k, positions, inp.temp)
-            k_cache, v_cache = cache.k[l], cache.v[l]
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
-            k_cache = k_cache.at[rows, inp.write_pos].set(k.astype(k_cache.dtype), mode="drop")
-            v_cache = v_cache.at[rows, inp.write_pos].set(v.astype(v_cache.dtype), mode="drop")
-            new_k.append(k_cache)
-            new_v.append(v_cache)
-            if slot is None:
-                k_read, v_read = k_cache, v_cache
-            else:
-                k_read = jax.lax.dynamic_slice_in_dim(k_cache, slot, B, axis=0)
-                v_read = jax.lax.dynamic_slice_in_dim(v_cache, slot, B, axis=0)
+            k_read, v_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
+                                                  new_k, new_v, new_ks, new_vs)
             a = attn_lib.attention(q, k_read, v_read, q_start=inp.q_start, kv_len=inp.kv_len,
                                    impl=impl, dca=cfg.dca)
             x = x + jnp.einsum("btnh,nhd->btd", a.astype(x.dtype), blk.wo[...])
@@ -145,7 +176,31 @@ class Qwen2(nnx.Module):
             x = jnp.take_along_axis(x, logits_rows[:, None, None], axis=1)[:, 0]        # [B, D]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         logits = jnp.einsum("...d,vd->...v", x, self.head_weight()).astype(jnp.float32)
-        return logits, KVCache(new_k, new_v)
+        scales = (new_ks, new_vs) if cache.quantized else (None, None)
+        return logits, KVCache(new_k, new_v, *scales)
+
+    @staticmethod
+    def _write_and_read(cache, l, rows, write_pos, k, v, slot, B, new_k, new_v, new_ks, new_vs):
+        """Scatter this step's k, v into layer l's cache (in place: the cache is donated) and return
+        what attention reads: the whole cache (decode) or the prefilling slot's row; an fp8 cache is
+        dequantized to k's dtype here (a Pallas kernel could do it on the fly instead)."""
+        def put(buf, val):
+            return buf.at[rows, write_pos].set(val.astype(buf.dtype), mode="drop")
+
+        def row(buf):
+            return buf if slot is None else jax.lax.dynamic_slice_in_dim(buf, slot, B, axis=0)
+
+        if not cache.quantized:
+            k_cache, v_cache = put(cache.k[l], k), put(cache.v[l], v)
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+            return row(k_cache), row(v_cache)
+        (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
+        bufs = [put(cache.k[l], k8), put(cache.v[l], v8), put(cache.k_scale[l], ks), put(cache.v_scale[l], vs)]
+        for lst, b in zip((new_k, new_v, new_ks, new_vs), bufs):
+            lst.append(b)
+        return (dequantize_fp8(row(bufs[0]), row(bufs[2]), k.dtype),
+                dequantize_fp8(row(bufs[1]), row(bufs[3]), v.dtype))
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict:
