@@ -4,7 +4,8 @@
 
 Bytes per step = layer weights + lm_head (V x D) + the K/V cache of every sequence up to its context;
 GB/s = bytes / step time, compared with the device copy bandwidth measured in the same run. The cache is
-not prefilled (its contents do not change the cost); positions are set as if it were.
+not prefilled (its contents do not change the cost); positions are set as if it were. One engine, its
+cache sized for the longest context, serves every context (attention reads only up to kv_len).
 """
 from __future__ import annotations
 
@@ -12,22 +13,18 @@ import argparse
 import dataclasses
 import time
 
-from benchmarks.common import QWEN25_7B_1M, SMOKE, ceilings, layer_params, peak_memory_gib, random_params, write_json
-from zenjax.config import engine_config
+from benchmarks import common
+from benchmarks.common import ceilings, layer_params, peak_memory_gib, random_params, write_json
+from benchmarks.prefill import make_engine
 from zenjax.engine import Engine
 from zenjax.sampling import SamplingParams
 
 
-def run(contexts, batch: int, dca: bool, attention: str, cache_dtype: str, warm: dict, steps: int = 32,
-        params=None):
-    cfg = QWEN25_7B_1M if dca else dataclasses.replace(QWEN25_7B_1M, dca=None)
-    params = params if params is not None else random_params(cfg)
+def measure(engine: Engine, contexts, warm: dict, steps: int = 32) -> list[dict]:
+    cfg, ec = engine.config, engine.engine_config
+    slots = list(range(engine.max_batch))
     rows = []
     for ctx in contexts:
-        ec = engine_config(max_model_len=ctx + steps + 8, prefill_chunk=256, max_batch=batch, attention=attention,
-                           dtype="bfloat16", cache_dtype=cache_dtype, platform="any")
-        engine = Engine(cfg, params, ec)
-        slots = list(range(batch))
         for s in slots:      # pretend the prompt was prefilled: decode cost does not depend on cache values
             seq = engine.start(s, [1] * ctx, SamplingParams(max_new_tokens=steps + 8, seed=s))
             seq.prefilled, seq.last_token = ctx, 1
@@ -37,16 +34,17 @@ def run(contexts, batch: int, dca: bool, attention: str, cache_dtype: str, warm:
         for _ in range(steps):
             engine.decode(slots)
         dt = (time.perf_counter() - t) / steps
-        itemsize = 1 if "float8" in cache_dtype else 2
-        kv = 2 * cfg.num_layers * batch * ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
+        for s in slots:
+            engine.release(s)
+        itemsize = 1 if "float8" in ec.cache_dtype else 2
+        kv = 2 * cfg.num_layers * len(slots) * ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
         by = 2 * layer_params(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + kv
-        row = dict(context=ctx, batch=batch, dca=dca, attention=attention, cache_dtype=cache_dtype,
-                   ms_per_step=round(dt * 1e3, 2), tokens_per_s=round(batch / dt, 1),
-                   gbs=round(by / dt / 1e9, 1), pct_copy_bw=round(100 * by / dt / 1e12 / warm["copy_tbs"], 1),
-                   peak_gib=round(peak_memory_gib(), 2))
+        row = dict(context=ctx, batch=len(slots), cache_len=ec.max_model_len, dca=cfg.dca is not None,
+                   attention=ec.attention, cache_dtype=ec.cache_dtype, ms_per_step=round(dt * 1e3, 2),
+                   tokens_per_s=round(len(slots) / dt, 1), gbs=round(by / dt / 1e9, 1),
+                   pct_copy_bw=round(100 * by / dt / 1e12 / warm["copy_tbs"], 1), peak_gib=round(peak_memory_gib(), 2))
         print(row, flush=True)
         rows.append(row)
-        del engine
     return rows
 
 
@@ -59,12 +57,13 @@ def main(argv=None):
     ap.add_argument("--cache-dtype", default="bfloat16")
     ap.add_argument("--smoke", action="store_true", help="tiny model on any backend: checks the script runs")
     a = ap.parse_args(argv)
-    global QWEN25_7B_1M
-    if a.smoke:
-        QWEN25_7B_1M, a.attention = SMOKE, "reference"
+    cfg = common.SMOKE if a.smoke else common.QWEN25_7B_1M
+    cfg = cfg if a.dca else dataclasses.replace(cfg, dca=None)
+    attention = "reference" if a.smoke else a.attention
     warm = ceilings(small=a.smoke)
-    print(warm, flush=True)
-    rows = run([int(x) for x in a.contexts.split(",")], a.batch, a.dca, a.attention, a.cache_dtype, warm)
+    contexts = [int(x) for x in a.contexts.split(",")]
+    engine = make_engine(cfg, random_params(cfg), max(contexts) + 64, 256, attention, a.cache_dtype, a.batch)
+    rows = measure(engine, contexts, warm)
     write_json(f"decode{'_dca' if a.dca else ''}_b{a.batch}.json", {"ceilings": warm, "rows": rows})
 
 

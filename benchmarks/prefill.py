@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python3 benchmarks/prefill.py --lengths 8192,32768,131072 [--dca] [--chunk 8192]
 
+One engine (cache sized for the longest prompt, so the step compiles once) serves every length.
 FLOPs counted as the plain-JAX baseline does (shared/bench/baseline_7b.py): 2 * layer_params * T
 + layers * 2 * T^2 * N * H (causal attention), against the matmul rate measured in the same run.
 """
@@ -13,8 +14,9 @@ import time
 
 import numpy as np
 
-from benchmarks.common import QWEN25_7B_1M, SMOKE, ceilings, layer_params, peak_memory_gib, random_params, write_json
-from zenjax.config import DCAConfig, engine_config
+from benchmarks import common
+from benchmarks.common import ceilings, layer_params, peak_memory_gib, random_params, write_json
+from zenjax.config import engine_config
 from zenjax.engine import Engine
 from zenjax.sampling import SamplingParams
 
@@ -29,26 +31,26 @@ def ttft(engine: Engine, ids) -> float:
     return time.perf_counter() - t
 
 
-def run(lengths, chunk: int, dca: DCAConfig | None, attention: str, cache_dtype: str, warm: dict,
-        params=None) -> list[dict]:
-    cfg = dataclasses.replace(QWEN25_7B_1M, dca=dca)
-    params = params if params is not None else random_params(cfg)
+def make_engine(cfg, params, max_len: int, chunk: int, attention: str, cache_dtype: str, batch: int = 1):
+    ec = engine_config(max_model_len=max_len, prefill_chunk=chunk, max_batch=batch, attention=attention,
+                       dtype="bfloat16", cache_dtype=cache_dtype, platform="any")
+    return Engine(cfg, params, ec)
+
+
+def measure(engine: Engine, lengths, warm: dict) -> list[dict]:
+    cfg, ec = engine.config, engine.engine_config
+    ttft(engine, [1] * min(min(lengths), ec.prefill_chunk))          # compile
     rows = []
     for L in lengths:
-        ec = engine_config(max_model_len=L + 256, prefill_chunk=chunk, max_batch=1, attention=attention,
-                           dtype="bfloat16", cache_dtype=cache_dtype, platform="any")
-        engine = Engine(cfg, params, ec)
         ids = list(np.random.RandomState(L).randint(0, cfg.vocab_size, L))
-        ttft(engine, ids[: min(L, chunk)])                    # compile (one chunk)
         t = ttft(engine, ids)
         flops = 2 * layer_params(cfg) * L + cfg.num_layers * 2 * L * L * cfg.num_heads * cfg.head_dim
         tf = flops / t / 1e12
-        row = dict(tokens=L, chunk=chunk, dca=bool(dca), attention=attention, cache_dtype=cache_dtype,
-                   ttft_s=round(t, 3), tflops=round(tf, 1), pct_matmul=round(100 * tf / warm["matmul_tflops"], 1),
-                   peak_gib=round(peak_memory_gib(), 2))
+        row = dict(tokens=L, chunk=ec.prefill_chunk, cache_len=ec.max_model_len, dca=cfg.dca is not None,
+                   attention=ec.attention, cache_dtype=ec.cache_dtype, ttft_s=round(t, 3), tflops=round(tf, 1),
+                   pct_matmul=round(100 * tf / warm["matmul_tflops"], 1), peak_gib=round(peak_memory_gib(), 2))
         print(row, flush=True)
         rows.append(row)
-        del engine
     return rows
 
 
@@ -61,13 +63,13 @@ def main(argv=None):
     ap.add_argument("--cache-dtype", default="bfloat16")
     ap.add_argument("--smoke", action="store_true", help="tiny model on any backend: checks the script runs")
     a = ap.parse_args(argv)
-    global QWEN25_7B_1M
-    if a.smoke:
-        QWEN25_7B_1M, a.attention = SMOKE, "reference"
+    cfg = common.SMOKE if a.smoke else common.QWEN25_7B_1M
+    cfg = cfg if a.dca else dataclasses.replace(cfg, dca=None)
+    attention = "reference" if a.smoke else a.attention
     warm = ceilings(small=a.smoke)
-    print(warm, flush=True)
-    rows = run([int(x) for x in a.lengths.split(",")], a.chunk, QWEN25_7B_1M.dca if a.dca else None,
-               a.attention, a.cache_dtype, warm)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    engine = make_engine(cfg, random_params(cfg), max(lengths) + 256, a.chunk, attention, a.cache_dtype)
+    rows = measure(engine, lengths, warm)
     write_json(f"prefill{'_dca' if a.dca else ''}.json", {"ceilings": warm, "rows": rows})
 
 
