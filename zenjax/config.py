@@ -134,10 +134,13 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
     hidden = int(_req(hf, "hidden_size"))
     heads = int(_req(hf, "num_attention_heads"))
     head_dim = hf.get("head_dim") or (hidden // heads)
-    rope_scaling = hf.get("rope_scaling")
-    if rope_scaling and (rope_scaling.get("type") or rope_scaling.get("rope_type")) not in (None, "default"):
-        raise ConfigError(f"config.json: rope_scaling={rope_scaling!r} is not supported; Qwen2.5-1M models "
-                          "extrapolate with dual_chunk_attention_config instead (spec pitfall 6)")
+    # transformers >= 5 writes rope settings as "rope_parameters" (no top-level rope_theta)
+    rope_params = hf.get("rope_parameters") or {}
+    rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    for key, rope_scaling in (("rope_scaling", hf.get("rope_scaling")), ("rope_parameters", rope_params)):
+        if rope_scaling and (rope_scaling.get("type") or rope_scaling.get("rope_type")) not in (None, "default"):
+            raise ConfigError(f"config.json: {key}={rope_scaling!r} is not supported; Qwen2.5-1M models "
+                              "extrapolate with dual_chunk_attention_config instead (spec pitfall 6)")
     dca_hf = hf.get("dual_chunk_attention_config")
     dca = None
     if dca_hf:
@@ -151,7 +154,7 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=int(hf.get("num_key_value_heads") or heads),
         head_dim=int(head_dim),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_theta=float(rope_theta),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),

@@ -70,7 +70,8 @@ def param_specs(cfg: ModelConfig) -> dict[tuple[str, ...], ParamSpec]:
 def hf_shape(spec: ParamSpec) -> tuple[int, ...]:
     """The shape the safetensors tensor must have for `spec`."""
     if spec.transform == "none":
-        return spec.shape
+        # biases are [N, H] here and flat [N*H] in HF
+        return (spec.shape[0] * spec.shape[1],) if spec.hf_name.endswith(".bias") else spec.shape
     # linear_in_out: ours is [in..., out...] flattened from HF [out, in].
     if len(spec.shape) == 3 and spec.axes[0] == "embed":      # wq/wk/wv: [D, X, H] <- [X*H, D]
         return (spec.shape[1] * spec.shape[2], spec.shape[0])
