@@ -155,7 +155,12 @@ class Engine:
             model = nnx.merge(graphdef, state)
             logits, cache = model(inp, cache, impl=impl, slot=None,
                                   logits_rows=jnp.zeros((inp.tokens.shape[0],), jnp.int32))
-            tokens, sampler = sample(logits, sampler)
+            tokens, new = sample(logits, sampler)
+            # only the slots in this step advance their PRNG key and seen-token set; a slot that is
+            # still prefilling must not (else a seeded request depends on its neighbours)
+            active = inp.write_pos[:, 0] < cache.k[0].shape[1]
+            sampler = jax.tree.map(lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                                   new, sampler)
             return tokens, cache, sampler
 
         def sample_slot(sampler, logits, slot):
