@@ -13,10 +13,14 @@ What it does, in order (each part prints as it goes; the table comes last):
    all appear) and S = 128K (c=65536, w=8192: s=57344). Compared with dense cuDNN causal attention
    (jax.nn.dot_product_attention implementation="cudnn") on the same S, and the cuDNN 3-call DCA merge
    (zenjax/attention_cudnn.py) when that module exists. TFLOP/s count causal-equivalent work
-   4 * S^2 * N * H / 2 for every path, so the columns compare times.
-4. Decode, T=1, at 128K and 1M cached tokens (DCA as Qwen2.5-1M: c=262144, w=8192 at 1M), in GB/s of
-   K/V bytes read (2 * kv_len * K * H * 2 bytes), vs the measured copy bandwidth.
-Timings: median of wall-clock times around block_until_ready after warm-up (one compile per variant).
+   4 * S^2 * N * H / 2 for every path, so the columns compare times. At 128K also the last chunked-prefill
+   step alone (8192 queries at q_start = S - 8192), and at 32K an A/B of the DCA kernel without its
+   uniform-tile fast path.
+4. Decode, T=1, at 128K and 1M cached tokens (DCA c=65536, w=8192 at 128K; Qwen2.5-1M's c=262144,
+   w=8192 at 1M), in GB/s of K/V bytes read (2 * kv_len * K * H * 2 bytes), vs the 3.35 TB/s datasheet
+   HBM bandwidth and vs the measured copy; also the Pallas call alone (no LSE merge) and the cuDNN path.
+Timings: median of wall-clock times around block_until_ready after warm-up (one compile per variant);
+decode queues 5 calls per sync so host dispatch stays hidden.
 """
 from __future__ import annotations
 
@@ -91,9 +95,9 @@ def correctness(res: dict) -> None:
     res["checks_pass"] = all(v < 1e-2 for k, v in res.items() if k.startswith("check_") and k.endswith("_rel"))
 
 
-# (block_q, block_k, num_warps, num_stages); run 1 (2026-11-23) found bq64 bk64 w4 s3 best of the first five.
-PREFILL_CONFIGS = [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 128, 8, 3), (128, 128, 8, 3),
-                   (128, 64, 8, 4), (64, 32, 4, 4)]
+# (block_q, block_k, num_warps, num_stages); history in benchmarks/NOTES-attention.md. 128-key tiles
+# no longer fit in shared memory since the DCA loop has two branches (uniform / mixed).
+PREFILL_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3)]
 
 
 def prefill(res: dict, S: int, c: int, w: int, sweep: bool, rows: list) -> None:
@@ -127,6 +131,10 @@ def prefill(res: dict, S: int, c: int, w: int, sweep: bool, rows: list) -> None:
     if best is not None:
         res["prefill_best_config"] = list(best[1])
         bq, bk, nw, ns = best[1]
+        if sweep:                                                    # A/B: always the per-row select
+            f = jax.jit(lambda q, k, v: dca_prefill(q, k, v, zero, full, chunk_len=c - w, block_q=bq, block_k=bk,
+                                                    num_warps=nw, num_stages=ns, uniform_fast_path=False)[0])
+            record(f"pallas DCA bq{bq} bk{bk} w{nw} s{ns} no fast path", f, q3, k, v)
         f = jax.jit(lambda q, k, v: dca_prefill(q, k, v, zero, full, chunk_len=None, block_q=bq,
                                                 block_k=bk, num_warps=nw, num_stages=ns)[0])
         record(f"pallas plain causal bq{bq} bk{bk} w{nw} s{ns}", f, q3[0], k, v)
@@ -171,10 +179,8 @@ def prefill(res: dict, S: int, c: int, w: int, sweep: bool, rows: list) -> None:
             print(f"{name} failed: {e!r}"[:600], flush=True)
 
 
-# (block_k, num_splits or None = auto, num_warps, num_stages); run 1: bk64 auto best at 128K (81% of the
-# bf16 copy figure), bk128 auto best at 1M; bk256 w8 ran out of shared memory.
-DECODE_CONFIGS = [(64, None, 4, 3), (128, None, 4, 3), (64, 256, 4, 3), (64, None, 4, 4), (32, None, 4, 4),
-                  (64, None, 2, 3), (128, 64, 4, 4)]
+# (block_k, num_splits or None = auto, num_warps, num_stages); history in benchmarks/NOTES-attention.md.
+DECODE_CONFIGS = [(64, None, 2, 3), (64, 64, 2, 4), (32, None, 2, 4)]
 HBM_SPEC_GBPS = 3350.0                                               # H100 SXM datasheet
 
 

@@ -1,0 +1,62 @@
+"""impl="pallas" of the attention dispatcher: routes to the Pallas DCA kernels in pallas_kernels/.
+
+Same contract as zenjax/attention.py (shapes, semantics, padding rows): q [B,T,N,H] (plain) or
+[3,B,T,N,H] (DCA: intra, succ, inter), k_cache / v_cache [B,S,K,H], q_start / kv_len [B] int32.
+A step with T <= DECODE_MAX_T queries goes to the split-K decode kernel (it parallelizes over the keys),
+longer query chunks to the prefill kernel (it parallelizes over query tiles).
+
+Block sizes: powers of two that divide the DCA chunk length s (tiles must not straddle a DCA chunk
+boundary); for Qwen2.5-1M s = 253952 = 2^13 * 31, so the defaults (128 / 64) fit. A config
+whose s has no power-of-two divisor >= 16 is refused with a ValueError naming s.
+On a host without a GPU the kernels run in Pallas interpret mode (slow; for tests).
+"""
+from __future__ import annotations
+
+from pallas_kernels.dca_decode import dca_decode
+from pallas_kernels.dca_prefill import dca_prefill
+from zenjax.config import DCAConfig
+
+DECODE_MAX_T = 8
+# Tuned on an H100 (benchmarks/NOTES-attention.md, 2026-11-23, d = 128, bf16): prefill 128-query x 64-key
+# tiles, 8 warps, 3 stages; decode 64-key tiles, 2 warps, 3 stages, splits from `default_num_splits`.
+# 128-key tiles no longer fit: the two branches of the DCA loop (uniform / mixed) each get their own
+# pipeline buffers and Triton then asks for ~416 KB of shared memory (the H100 has 227 KB).
+PREFILL_BLOCK_Q = 128
+PREFILL_BLOCK_K = 64
+PREFILL_WARPS, PREFILL_STAGES = 8, 3
+DECODE_BLOCK_K = 64
+DECODE_WARPS, DECODE_STAGES = 2, 3
+
+
+def _block(cap: int, chunk_len: int | None, what: str) -> int:
+    """Largest power of two <= cap, >= 16, dividing chunk_len (any when plain attention)."""
+    b = cap
+    while b >= 16:
+        if chunk_len is None or chunk_len % b == 0:
+            return b
+        b //= 2
+    raise ValueError(f"pallas attention: DCA chunk length s={chunk_len} (chunk_size - local_size) has no "
+                     f"power-of-two divisor >= 16 for the {what} tile; use impl='reference' or 'cudnn'")
+
+
+def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
+                  interpret: bool | None = None):
+    """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the Pallas kernels."""
+    chunk_len = None if dca is None else dca.chunk_len
+    T = q.shape[-3]
+    if T <= DECODE_MAX_T and (chunk_len is None or T < chunk_len):
+        return dca_decode(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len,
+                          block_k=_block(DECODE_BLOCK_K, chunk_len, "decode key"), num_warps=DECODE_WARPS,
+                          num_stages=DECODE_STAGES, interpret=interpret)
+    # A short chunk gets a short query tile (fewer padded rows): the power of two >= T, 16..128.
+    cap_q = min(PREFILL_BLOCK_Q, max(16, 1 << (T - 1).bit_length()))
+    return dca_prefill(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len,
+                       block_q=_block(cap_q, chunk_len, "prefill query"),
+                       block_k=_block(PREFILL_BLOCK_K, chunk_len, "prefill key"), num_warps=PREFILL_WARPS,
+                       num_stages=PREFILL_STAGES, interpret=interpret)
+
+
+def attention(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None):
+    """The dispatcher's entry point: the attention output [B,T,N,H] in q's dtype."""
+    out, _ = attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca)
+    return out
