@@ -125,6 +125,26 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def free_port() -> int:
+    """A free loopback port (for --metrics-port; the gRPC port itself is chosen by the server: --port 0)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(compile_cache_dir: str | None = None, platform: str | None = "cpu") -> dict:
+    """Environment for a server subprocess: JAX platform and a persistent compilation cache shared by
+    every server started with the same directory (the second start of the same shapes skips compiling)."""
+    env = dict(os.environ)
+    if platform:
+        env["JAX_PLATFORMS"] = platform
+    if compile_cache_dir:
+        env.update(JAX_COMPILATION_CACHE_DIR=str(compile_cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    return env
+
+
 def rss_of_pid(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -304,12 +324,9 @@ def main(argv=None) -> int:
     server = None
     target, pid, mport = a.server, a.server_pid, a.metrics_port
     if target is None:
-        import socket
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            mport = s.getsockname()[1]
+        mport = free_port()
         server = ServerProcess([*shlex.split(a.server_args), "--metrics-port", str(mport),
-                                "--max-queue", str(max(64, a.clients))])
+                                "--max-queue", str(max(64, a.clients))], env=server_env(platform=None))
         target, pid = server.target, server.proc.pid
     try:
         report = run_load(target, clients=a.clients, rounds=a.rounds, n_distinct=a.distinct,
