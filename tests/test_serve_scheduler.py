@@ -248,3 +248,15 @@ def test_grpc_internal_error_fails_one_request_and_server_keeps_serving():
     finally:
         server.drain(0)
     assert eng.seqs == {}
+
+
+def test_dca_and_cache_dtype_flags():
+    import pytest
+    from zenjax.config import DCAConfig
+    from zenjax.serve.server import config_from_args, parse_dca
+    c = config_from_args(["--dca", "262144,8192,262144", "--cache-dtype", "float8_e4m3fn"])
+    assert parse_dca(c.dca) == DCAConfig(262144, 8192, 262144) and c.cache_dtype == "float8_e4m3fn"
+    assert config_from_args(["--dca", "off"]).dca == "off"
+    for bad in ("x", "64,64,64", "1,2"):
+        with pytest.raises(SystemExit):
+            config_from_args(["--dca", bad])

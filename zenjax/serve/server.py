@@ -58,6 +58,8 @@ class ServerConfig:
     attention: str = "auto"
     grace_seconds: float = 30.0
     log_level: str = "INFO"
+    dca: str = "auto"                 # auto (the checkpoint's), off, or "CHUNK,LOCAL,ORIGINAL_MAX"
+    cache_dtype: str | None = None    # None: the model dtype; float8_e4m3fn halves the KV cache
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--grace-seconds", type=float, default=d.grace_seconds,
                     help="on SIGTERM, how long running streams may finish (default %(default)s)")
     ap.add_argument("--log-level", default=d.log_level)
+    ap.add_argument("--dca", default=d.dca,
+                    help="Dual Chunk Attention: auto (as the checkpoint says), off, or CHUNK,LOCAL,ORIGINAL_MAX "
+                         "to enable it on any Qwen2 checkpoint (e.g. 262144,8192,262144)")
+    ap.add_argument("--cache-dtype", default=d.cache_dtype, help="KV cache dtype: bfloat16 | float8_e4m3fn")
     return ap
 
 
@@ -94,13 +100,25 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--max-queue", a.max_queue >= 0, "must be >= 0"),
               ("--metrics-port", 0 <= a.metrics_port <= 65535, "must be in [0, 65535]"),
               ("--grace-seconds", a.grace_seconds >= 0, "must be >= 0")]
+    checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
+                   "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
     for flag, ok, why in checks:
         if not ok:
             ap.error(f"{flag}={getattr(a, flag[2:].replace('-', '_'))} {why}")
     return ServerConfig(checkpoint=a.checkpoint, host=a.host, port=a.port, max_batch=a.max_batch,
                         max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk, max_queue=a.max_queue,
                         metrics_port=a.metrics_port, attention=a.attention, grace_seconds=a.grace_seconds,
-                        log_level=a.log_level)
+                        log_level=a.log_level, dca=a.dca, cache_dtype=a.cache_dtype)
+
+
+def parse_dca(text: str):
+    """"CHUNK,LOCAL,ORIGINAL_MAX" -> DCAConfig; None if it is not of that form."""
+    from zenjax.config import ConfigError, DCAConfig
+    try:
+        c, w, l0 = (int(x) for x in text.split(","))
+        return DCAConfig(c, w, l0)
+    except (ValueError, ConfigError):
+        return None
 
 
 # ---------------------------------------------------------------- proto <-> engine
@@ -346,6 +364,10 @@ class Server:
                       prefill_chunk=c.prefill_chunk or default_prefill_chunk())
             if c.max_model_len is not None:
                 kw["max_model_len"] = c.max_model_len
+            if c.dca != "auto":
+                kw["dca"] = False if c.dca == "off" else parse_dca(c.dca)
+            if c.cache_dtype:
+                kw["cache_dtype"] = c.cache_dtype
             self.engine = zenjax.load(c.checkpoint, **kw)
         t1 = time.monotonic()
         warmup(self.engine)
