@@ -389,13 +389,15 @@ def test_metrics_endpoint(server, client):
 def test_sigterm_drains_then_exits_zero(tmp_path_factory):
     """SIGTERM: queued requests get UNAVAILABLE, new ones too; a running stream that finishes within the
     grace period completes normally; one that does not is ended with finish reason CANCELLED; exit 0."""
-    srv = serve_load.ServerProcess([*SHAPE_ARGS, "--max-queue", "2", "--grace-seconds", "1"],
+    # grace 5 s: `quick` (60 tokens) must not be able to finish before the signal lands, even on a loaded
+    # CPU, yet finish within the grace period; `endless` (1014 tokens) cannot.
+    srv = serve_load.ServerProcess([*SHAPE_ARGS, "--max-queue", "2", "--grace-seconds", "5"],
                                    env=server_env(tmp_path_factory))
     try:
         with Client(srv.target) as c:
             endless = Stream(c, [5, 6, 7], max_new_tokens=MAX_MODEL_LEN - 10, ignore_eos=True)
             endless.wait_for("delta")
-            quick = Stream(c, [8, 9], max_new_tokens=10, ignore_eos=True)
+            quick = Stream(c, [8, 9], max_new_tokens=60, ignore_eos=True)
             quick.wait_for("delta")
             waiting = Stream(c, [10, 11], max_new_tokens=4, ignore_eos=True)
             srv.proc.send_signal(signal.SIGTERM)
@@ -408,7 +410,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path_factory):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             quick.join()
             assert quick.error is None and quick.finished.reason == pb.FINISH_REASON_LENGTH
-            assert len(quick.token_ids) == 10
+            assert len(quick.token_ids) == 60
             endless.join()
             assert endless.error is None and endless.finished.reason == pb.FINISH_REASON_CANCELLED
             assert endless.finished.usage.generated_tokens == len(endless.token_ids) < MAX_MODEL_LEN - 10
