@@ -36,22 +36,23 @@ def _state(params_list, vocab):
 
 
 def test_greedy_is_argmax_and_seeded_sampling_reproducible():
+    sample_j = jax.jit(sample)      # eager lax.cond would recompile its branches on every call
     V = 64
     row = jax.random.normal(jax.random.key(0), (V,)) * 2
     logits = jnp.stack([row, row, row])
     greedy = SamplingParams(temperature=0.0)
     hot = SamplingParams(temperature=1.0, top_k=10, seed=7)
     st = _state([greedy, hot, hot], V)
-    tok1, st1 = sample(logits, st)
+    tok1, st1 = sample_j(logits, st)
     assert int(tok1[0]) == int(jnp.argmax(apply_repetition_penalty(logits, st.seen, st.rep_penalty)[0]))
     assert int(tok1[1]) == int(tok1[2])                         # same seed, same logits -> same draw
-    tok2, _ = sample(logits, _state([greedy, hot, hot], V))
+    tok2, _ = sample_j(logits, _state([greedy, hot, hot], V))
     np.testing.assert_array_equal(np.asarray(tok1), np.asarray(tok2))
     assert bool(st1.seen[1, int(tok1[1])])                      # generated tokens join the penalty set
     # the key advances: 20 draws from the same logits are not all equal
     draws, s = [], st
     for _ in range(20):
-        t, s = sample(logits, s)
+        t, s = sample_j(logits, s)
         draws.append(int(t[1]))
     assert len(set(draws)) > 1
 
