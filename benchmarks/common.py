@@ -24,6 +24,22 @@ SMOKE = ModelConfig(vocab_size=512, hidden_size=224, intermediate_size=128, num_
                     max_position_embeddings=4096, dca=DCAConfig(256, 32, 256))
 
 
+def add_model_args(ap) -> None:
+    """The options prefill.py and decode.py share."""
+    ap.add_argument("--dca", action="store_true", help="DCA on (Qwen2.5-1M config: c=262144, w=8192)")
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--cache-dtype", default="bfloat16")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on any backend: checks the script runs")
+
+
+def model_from_args(a) -> tuple[ModelConfig, str]:
+    """(model config, attention impl) for parsed add_model_args options."""
+    import dataclasses
+    cfg = SMOKE if a.smoke else QWEN25_7B_1M
+    cfg = cfg if a.dca else dataclasses.replace(cfg, dca=None)
+    return cfg, ("reference" if a.smoke else a.attention)
+
+
 def layer_params(cfg: ModelConfig) -> int:
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     return cfg.num_layers * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)

@@ -10,11 +10,9 @@ cache sized for the longest context, serves every context (attention reads only 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
-from benchmarks import common
-from benchmarks.common import ceilings, layer_params, peak_memory_gib, random_params, write_json
+from benchmarks.common import add_model_args, ceilings, model_from_args, layer_params, peak_memory_gib, random_params, write_json
 from benchmarks.prefill import make_engine
 from zenjax.engine import Engine
 from zenjax.sampling import SamplingParams
@@ -52,14 +50,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--contexts", default="8192,131072")
     ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dca", action="store_true")
-    ap.add_argument("--attention", default="cudnn")
-    ap.add_argument("--cache-dtype", default="bfloat16")
-    ap.add_argument("--smoke", action="store_true", help="tiny model on any backend: checks the script runs")
+    add_model_args(ap)
     a = ap.parse_args(argv)
-    cfg = common.SMOKE if a.smoke else common.QWEN25_7B_1M
-    cfg = cfg if a.dca else dataclasses.replace(cfg, dca=None)
-    attention = "reference" if a.smoke else a.attention
+    cfg, attention = model_from_args(a)
     warm = ceilings(small=a.smoke)
     contexts = [int(x) for x in a.contexts.split(",")]
     engine = make_engine(cfg, random_params(cfg), max(contexts) + 64, 256, attention, a.cache_dtype, a.batch)

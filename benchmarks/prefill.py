@@ -9,13 +9,11 @@ FLOPs counted as the plain-JAX baseline does (shared/bench/baseline_7b.py): 2 * 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import numpy as np
 
-from benchmarks import common
-from benchmarks.common import ceilings, layer_params, peak_memory_gib, random_params, write_json
+from benchmarks.common import add_model_args, ceilings, model_from_args, layer_params, peak_memory_gib, random_params, write_json
 from zenjax.config import engine_config
 from zenjax.engine import Engine
 from zenjax.sampling import SamplingParams
@@ -58,14 +56,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--lengths", default="8192,32768,131072")
     ap.add_argument("--chunk", type=int, default=8192)
-    ap.add_argument("--dca", action="store_true", help="DCA on (Qwen2.5-1M config: c=262144, w=8192)")
-    ap.add_argument("--attention", default="cudnn")
-    ap.add_argument("--cache-dtype", default="bfloat16")
-    ap.add_argument("--smoke", action="store_true", help="tiny model on any backend: checks the script runs")
+    add_model_args(ap)
     a = ap.parse_args(argv)
-    cfg = common.SMOKE if a.smoke else common.QWEN25_7B_1M
-    cfg = cfg if a.dca else dataclasses.replace(cfg, dca=None)
-    attention = "reference" if a.smoke else a.attention
+    cfg, attention = model_from_args(a)
     warm = ceilings(small=a.smoke)
     lengths = [int(x) for x in a.lengths.split(",")]
     engine = make_engine(cfg, random_params(cfg), max(lengths) + 256, a.chunk, attention, a.cache_dtype)
