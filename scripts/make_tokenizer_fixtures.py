@@ -10,7 +10,7 @@ Walk:
    pre-tokenizer, ByteLevel post-processor and decoder), appends the added tokens after the learned vocab
    as Qwen does (<|endoftext|>, <|im_start|>, <|im_end|> special; <tool_call>, </tool_call> not special),
    and writes `tokenizer.json` plus a `tokenizer_config.json` holding Qwen2.5-Instruct's chat template.
-   Only the `tokenizers` library is needed for this step (scripts/make_default_model.py reuses the files).
+   Only the `tokenizers` library is needed for this step (benchmarks/passkey/install_default.py ships them with the demo model).
 2. `record_reference(dst)` loads the directory with transformers' AutoTokenizer (Qwen2Tokenizer, which in
    transformers 5 rebuilds the pipeline in Python from vocab + merges, so it is an independent check of
    our tokenizer.json) and with PreTrainedTokenizerFast(tokenizer_file=...), asserts the two agree, and

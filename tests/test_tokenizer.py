@@ -130,7 +130,7 @@ def test_from_dir_errors(tmp_path):
 
 
 def test_embedded_default_tokenizer():
-    """zenjax/assets/default (scripts/make_default_model.py) ships this tokenizer, with EOS ids that match
+    """zenjax/assets/default (benchmarks/passkey/install_default.py) ships this tokenizer, with EOS ids that match
     its generation config, an embedding at least as large as the vocabulary, and stays a few MB."""
     root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "zenjax", "assets", "default")
     t = Tokenizer.from_dir(root)
