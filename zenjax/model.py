@@ -133,7 +133,13 @@ class Qwen2(nnx.Module):
 
     def _rotate(self, q, k, positions, temp):
         """Plain RoPE: q [B,T,N,H], k [B,T,K,H] by absolute positions. DCA: k by j mod s and q three
-        ways -> q [3,B,T,N,H]; both scaled by the temperature m (vLLM's convention, spec 2.6)."""
+        ways -> q [3,B,T,N,H]; both scaled by the temperature m (spec 2.6).
+
+        Decode-time key scaling: we follow vLLM, which scales the new key by m(current length) BEFORE
+        writing it to the cache (so a logit is m(L_now) * m(L_at_write) * q.k / sqrt(H)). SGLang's port
+        caches decode keys unscaled. vLLM's backend is the code Qwen shipped with Qwen2.5-1M, so reference
+        outputs are pinned to it. The engine passes m per sequence in `temp` (1.0 without DCA).
+        Example: a 1M-token prompt (L0 = 262144) gives m = 1.1339 for every prefill chunk."""
         cfg = self.cfg
         if cfg.dca is None:
             return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
