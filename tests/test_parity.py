@@ -43,3 +43,20 @@ def test_dca_checkpoint_equals_transformers_within_chunk_size(hf_fixture, conver
             assert err <= TOL, (T, err)
         else:
             assert err > 1e-3, (T, err)
+
+
+def test_dca_override_on_and_off(hf_fixture, converted):
+    """zenjax.load(dca=False) turns the checkpoint's DCA off (then it is plain RoPE like transformers at
+    every length); dca=DCAConfig(...) turns DCA on for a checkpoint that has none."""
+    from zenjax.config import DCAConfig
+    kw = dict(max_model_len=128, prefill_chunk=16, attention="reference", dtype="float32", verbose=False)
+    ref = np.load(hf_fixture("dca") / "reference.npz")
+    off = zenjax.load(converted("dca"), dca=False, **kw)
+    assert off.config.dca is None
+    got, want = off.logits(ref["ids_70"].tolist()), ref["logits_70"]
+    assert np.abs(got - want).max() / np.abs(want).max() <= TOL
+    ref = np.load(hf_fixture("gqa7") / "reference.npz")
+    on = zenjax.load(converted("gqa7"), dca=DCAConfig(32, 8, 32), **kw)
+    assert on.config.dca == DCAConfig(32, 8, 32)
+    err = np.abs(on.logits(ref["ids_70"].tolist()) - ref["logits_70"]).max() / np.abs(ref["logits_70"]).max()
+    assert err > 1e-3          # 70 tokens > chunk_size 32: DCA really changes the function
