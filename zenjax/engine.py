@@ -112,7 +112,7 @@ class _IdStream:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params: dict, ec: EngineConfig, *, tokenizer=None,
-                 eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True, seed: int = 0):
+                 eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True):
         self.config, self.engine_config, self.tokenizer = cfg, ec, tokenizer
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.mesh = mesh if mesh is not None else make_mesh(1)
@@ -262,8 +262,8 @@ class Engine:
         if not prompt_ids or len(prompt_ids) >= self.engine_config.max_model_len:
             raise PromptError(f"prompt: {len(prompt_ids)} tokens; need 1..{self.engine_config.max_model_len - 1}")
         seq = SequenceState(self, slot, prompt_ids, params)
-        seed = int.from_bytes(os.urandom(4), "little") if params.seed is None else params.seed
-        values = slot_values(dataclasses.replace(params, seed=seed), prompt_ids, self.config.vocab_size, seed)
+        # params.seed wins; an unseeded request draws a fresh seed
+        values = slot_values(params, prompt_ids, self.config.vocab_size, int.from_bytes(os.urandom(4), "little"))
         self._sampler = self._set_slot(self._sampler, jnp.int32(slot), values)
         self._seqs[slot] = seq
         return seq
@@ -362,8 +362,7 @@ class Engine:
 
 def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 8192, max_batch: int = 1,
          attention: str = "auto", dtype: str | None = None, cache_dtype: str | None = None,
-         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True,
-         seed: int = 0) -> Engine:
+         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True) -> Engine:
     """Load a converted checkpoint (None: the embedded default) into an Engine.
 
     dca: True keeps the checkpoint's dual_chunk_attention_config; False turns DCA off; a DCAConfig
@@ -392,5 +391,4 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
         tokenizer = Tokenizer.from_dir(path)
     eos = meta.get("generation", {}).get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return Engine(cfg, params, ec, tokenizer=tokenizer, eos_token_ids=eos, mesh=mesh, verbose=verbose,
-                  seed=seed)
+    return Engine(cfg, params, ec, tokenizer=tokenizer, eos_token_ids=eos, mesh=mesh, verbose=verbose)

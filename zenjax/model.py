@@ -143,12 +143,10 @@ class Qwen2(nnx.Module):
         cfg = self.cfg
         if cfg.dca is None:
             return apply_rope(q, positions, cfg.rope_theta), apply_rope(k, positions, cfg.rope_theta)
-        from zenjax.dca import dca_positions
-        key_pos, q_intra, q_succ, q_inter = dca_positions(positions, cfg.dca)
+        from zenjax.dca import rotate_for_dca
+        q3, k = rotate_for_dca(q, k, positions, positions, cfg.dca, cfg.rope_theta)
         m = temp[:, None, None, None].astype(q.dtype)
-        k = apply_rope(k, key_pos, cfg.rope_theta) * m
-        q3 = jnp.stack([apply_rope(q, p, cfg.rope_theta) for p in (q_intra, q_succ, q_inter)]) * m
-        return q3, k
+        return q3 * m, k * m
 
     def __call__(self, inp: StepInputs, cache: KVCache, *, impl: str, slot=None, logits_rows=None):
         """Run one step. slot=None: rows are the cache's batch rows (decode). slot=i (traced int):
