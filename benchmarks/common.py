@@ -45,10 +45,28 @@ def layer_params(cfg: ModelConfig) -> int:
     return cfg.num_layers * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)
 
 
-def random_params(cfg: ModelConfig, dtype=jnp.bfloat16):
-    """Random weights generated on the device, one tensor at a time (no host copy of 15 GB)."""
-    from zenjax.model import init_params
-    return jax.jit(lambda k: init_params(cfg, k, dtype))(jax.random.key(0))
+def random_params(cfg: ModelConfig, dtype=jnp.bfloat16, scale: float = 0.02):
+    """Random weights generated on the device, one tensor at a time (no host copy of 15 GB), laid out as
+    zenjax.model.init_params does (norms at 1, the rest normal * scale).
+
+    One small jitted generator per distinct shape (~12 for Qwen2), NOT one jit over the whole model: that
+    single module of ~340 random tensors took XLA 3m27s to compile on the H100 (2026-11-23), which is what
+    session 1 had blamed on the engine's prefill step (that one compiles in ~11 s)."""
+    from zenjax.params import nested_set, param_specs
+    makers: dict = {}
+    params: dict = {}
+    key = jax.random.key(0)
+    for i, (path, spec) in enumerate(param_specs(cfg).items()):
+        shape = tuple(spec.shape)
+        if path[-1].endswith("norm"):
+            value = jnp.ones(shape, dtype)
+        else:
+            if shape not in makers:
+                makers[shape] = jax.jit(lambda k, shape=shape: (jax.random.normal(k, shape, jnp.float32)
+                                                                * scale).astype(dtype))
+            value = makers[shape](jax.random.fold_in(key, i))
+        nested_set(params, path, value)
+    return params
 
 
 def timeit(f, *args, n=3, warmup=1):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import jax
 import numpy as np
 
 from benchmarks.common import add_model_args, ceilings, model_from_args, layer_params, peak_memory_gib, random_params, write_json
@@ -35,9 +36,12 @@ def make_engine(cfg, params, max_len: int, chunk: int, attention: str, cache_dty
     return Engine(cfg, params, ec)
 
 
-def measure(engine: Engine, lengths, warm: dict) -> list[dict]:
+def measure(engine: Engine, lengths, warm: dict, on_row=None) -> list[dict]:
+    """TTFT rows for each length; the first call (one chunk) compiles the step and is timed as warmup_s.
+    on_row(rows) is called after each length, so a long run that is cut off keeps what it measured."""
     cfg, ec = engine.config, engine.engine_config
-    ttft(engine, [1] * min(min(lengths), ec.prefill_chunk))          # compile
+    warmup = ttft(engine, [1] * min(min(lengths), ec.prefill_chunk))          # compile
+    print(f"warm-up (compile + one chunk): {warmup:.1f} s", flush=True)
     rows = []
     for L in lengths:
         ids = list(np.random.RandomState(L).randint(0, cfg.vocab_size, L))
@@ -46,9 +50,12 @@ def measure(engine: Engine, lengths, warm: dict) -> list[dict]:
         tf = flops / t / 1e12
         row = dict(tokens=L, chunk=ec.prefill_chunk, cache_len=ec.max_model_len, dca=cfg.dca is not None,
                    attention=ec.attention, cache_dtype=ec.cache_dtype, ttft_s=round(t, 3), tflops=round(tf, 1),
-                   pct_matmul=round(100 * tf / warm["matmul_tflops"], 1), peak_gib=round(peak_memory_gib(), 2))
+                   pct_matmul=round(100 * tf / warm["matmul_tflops"], 1), peak_gib=round(peak_memory_gib(), 2),
+                   warmup_s=round(warmup, 1))
         print(row, flush=True)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -62,8 +69,10 @@ def main(argv=None):
     warm = ceilings(small=a.smoke)
     lengths = [int(x) for x in a.lengths.split(",")]
     engine = make_engine(cfg, random_params(cfg), max(lengths) + 256, a.chunk, attention, a.cache_dtype)
-    rows = measure(engine, lengths, warm)
-    write_json(f"prefill{'_dca' if a.dca else ''}.json", {"ceilings": warm, "rows": rows})
+    name = f"prefill{'_dca' if a.dca else ''}_{attention}_{a.cache_dtype}.json"
+    info = {"device": jax.devices()[0].device_kind, "ceilings": warm}
+    rows = measure(engine, lengths, warm, on_row=lambda rows: write_json(name, dict(info, rows=rows)))
+    write_json(name, dict(info, rows=rows))
 
 
 if __name__ == "__main__":
