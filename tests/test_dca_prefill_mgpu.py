@@ -1,0 +1,83 @@
+"""The Mosaic GPU DCA prefill kernel in Mosaic GPU interpret mode (CPU) vs the float32 reference.
+
+Interpret mode runs the kernel's warpgroups, barriers, TMA copies and wgmma on the CPU; it cannot run
+`pl.run_state` or a register wgmma operand, so the kernel's interpret variant stages P through SMEM for
+the P.V product (the only difference, see the module docstring). The GPU-only variant is checked by
+benchmarks/check_mgpu.py on the H100.
+Tolerances (stated where checked): bf16 inputs, the kernel writes bf16 output, the reference computes in
+float32 on the same bf16 values: ||out - ref|| / ||ref|| < 1e-2 (bf16 rounding of the output is ~2e-3),
+LSE (float32 in the kernel) max |diff| < 1e-3.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.dca_prefill_mgpu import _reference, dca_prefill_mgpu
+
+
+def _inputs(seed, *, dca, B, T, N, K, H, S):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    qshape = (3, B, T, N, H) if dca else (B, T, N, H)
+    q = jax.random.normal(ks[0], qshape, jnp.float32).astype(jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, S, K, H), jnp.float32).astype(jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, S, K, H), jnp.float32).astype(jnp.bfloat16)
+    return q, k, v
+
+
+def _check(q, k, v, q_start, kv_len, *, chunk_len, block_k):
+    q_start, kv_len = jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32)
+    out, lse = dca_prefill_mgpu(q, k, v, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
+                                interpret=True)
+    ref_out, ref_lse = _reference(q, k, v, q_start, kv_len, chunk_len=chunk_len)
+    assert out.shape == ref_out.shape and out.dtype == q.dtype
+    assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
+    out = np.asarray(out.astype(jnp.float32))
+    rel = np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out)
+    assert rel < 1e-2, rel                                           # bf16 output rounding ~2e-3
+    assert np.max(np.abs(np.asarray(lse) - np.asarray(ref_lse))) < 1e-3
+
+
+def test_dca_qwen_heads_tile_straddles_chunk_boundary():
+    # 28 q / 4 kv heads (G = 7), s = 128. Rows 100..169 (T = 70, not a multiple of the 128-row CTA):
+    # warpgroup 0 holds rows 100..163, straddling the chunk 0/1 boundary at row 28 (mixed path:
+    # per-row variant built in SMEM); the cache (S = 256) is longer than kv_len = 170.
+    q, k, v = _inputs(0, dca=True, B=1, T=70, N=28, K=4, H=64, S=256)
+    _check(q, k, v, [100], [170], chunk_len=128, block_k=64)
+
+
+def test_dca_all_segments_batch_ragged_cache():
+    # B = 2 rows with different q_start / kv_len; s = 128, block_k = 128 (one key tile per DCA chunk),
+    # H = 128. Row 0: positions 250..399 reach chunk 3, so every segment (inter, succ, intra) and both
+    # uniform and mixed tiles run; row 1 starts at 0 with kv_len < S. S = 400 is not a multiple of
+    # block_k (the wrapper pads K/V).
+    q, k, v = _inputs(1, dca=True, B=2, T=150, N=4, K=2, H=128, S=400)
+    _check(q, k, v, [250, 0], [400, 150], chunk_len=128, block_k=128)
+
+
+def test_plain_causal_unaligned_start():
+    # Plain RoPE attention (one variant), q_start = 37 not tile-aligned, T = 100.
+    q, k, v = _inputs(2, dca=False, B=1, T=100, N=2, K=1, H=64, S=192)
+    _check(q, k, v, [37], [137], chunk_len=None, block_k=64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_q=128), "block_q"),
+    (dict(block_k=32), "block_k"),
+    (dict(max_concurrent_steps=1), "max_concurrent_steps"),
+    (dict(block_k=128, max_concurrent_steps=4), "shared memory"),
+])
+def test_bad_config_is_refused(kwargs, match):
+    q, k, v = _inputs(3, dca=True, B=1, T=8, N=4, K=2, H=128, S=128)
+    with pytest.raises(ValueError, match=match):
+        dca_prefill_mgpu(q, k, v, jnp.zeros(1, jnp.int32), jnp.full(1, 8, jnp.int32), chunk_len=128,
+                         interpret=True, **kwargs)
+
+
+def test_float32_inputs_are_refused():
+    q, k, v = _inputs(4, dca=False, B=1, T=8, N=2, K=1, H=64, S=64)
+    with pytest.raises(ValueError, match="bf16 or all f16"):
+        dca_prefill_mgpu(q.astype(jnp.float32), k, v, jnp.zeros(1, jnp.int32), jnp.full(1, 8, jnp.int32),
+                         interpret=True)
