@@ -98,3 +98,14 @@ def test_prompt_errors_name_the_problem():
     with pytest.raises(ValueError, match="in use"):
         e.start(0, [1, 2], SamplingParams())
         e.start(0, [1, 2], SamplingParams())
+
+
+def test_auto_attention_picks_the_measured_fastest_path():
+    from zenjax.config import ConfigError, resolve_attention
+    assert resolve_attention("auto", "cpu") == "reference"
+    assert resolve_attention("auto", "gpu", "NVIDIA H100 80GB HBM3") == "pallas"     # Mosaic GPU kernels
+    assert resolve_attention("auto", "gpu", "NVIDIA H200") == "pallas"
+    assert resolve_attention("auto", "gpu", "NVIDIA A100-SXM4-80GB") == "cudnn"     # no wgmma: cuDNN
+    assert resolve_attention("cudnn", "gpu", "NVIDIA H100 80GB HBM3") == "cudnn"     # explicit wins
+    with pytest.raises(ConfigError, match="attention='flash'"):
+        resolve_attention("flash", "gpu")

@@ -45,6 +45,20 @@ class DCAConfig:
         if self.original_max_position_embeddings <= 0:
             raise ConfigError("dual_chunk_attention_config: original_max_position_embeddings must be > 0")
 
+    @staticmethod
+    def parse(text: str, original_max_position_embeddings: int | None = None) -> "DCAConfig":
+        """'CHUNK,LOCAL,ORIG' -> DCAConfig (the --dca option of the server and the eval). 'CHUNK,LOCAL' is
+        accepted when the caller supplies ORIG (e.g. the checkpoint's trained length)."""
+        try:
+            nums = [int(x) for x in text.split(",")]
+        except ValueError:
+            raise ConfigError(f"dca {text!r}: expected integers CHUNK,LOCAL,ORIGINAL_MAX") from None
+        if len(nums) == 2 and original_max_position_embeddings is not None:
+            nums.append(original_max_position_embeddings)
+        if len(nums) != 3:
+            raise ConfigError(f"dca {text!r}: expected CHUNK,LOCAL,ORIGINAL_MAX")
+        return DCAConfig(*nums)
+
     @property
     def chunk_len(self) -> int:
         """s = c - w: where the sequence is cut."""
@@ -186,13 +200,29 @@ class EngineConfig:
             raise ConfigError(f"attention={self.attention!r}: expected one of {ATTENTION_IMPLS}")
 
 
-def resolve_attention(impl: str, platform: str) -> str:
-    """'auto' -> cudnn on GPU, reference elsewhere."""
+HOPPER_KINDS = ("h100", "h200", "h800", "h20", "gh200")
+
+
+def resolve_attention(impl: str, platform: str, device_kind: str = "") -> str:
+    """'auto' -> pallas on a Hopper GPU, cudnn on other GPUs, reference elsewhere.
+
+    Why pallas on Hopper (benchmarks/RESULTS.md, H100, 2026-11-23): the Mosaic GPU DCA prefill kernel runs
+    at 97-108% of dense cuDNN causal and the split-K decode kernel 2-3x faster than cuDNN's decode, and the
+    engine's pallas path matches the reference on the GPU (benchmarks/check_engine_gpu.py)."""
     if impl not in ATTENTION_IMPLS:
         raise ConfigError(f"attention={impl!r}: expected one of {ATTENTION_IMPLS}")
     if impl == "auto":
-        return "cudnn" if platform == "gpu" else "reference"
+        if platform != "gpu":
+            return "reference"
+        return "pallas" if any(k in device_kind.lower() for k in HOPPER_KINDS) else "cudnn"
     return impl
+
+
+def _device_kind(platform: str) -> str:
+    if platform != "gpu":
+        return ""
+    import jax
+    return jax.devices()[0].device_kind
 
 
 def engine_config(*, max_model_len: int, prefill_chunk: int = 8192, max_batch: int = 1,
@@ -200,5 +230,5 @@ def engine_config(*, max_model_len: int, prefill_chunk: int = 8192, max_batch: i
                   platform: str = "cpu") -> EngineConfig:
     """The one function that builds an EngineConfig (from zenjax.load's or the server's arguments)."""
     return EngineConfig(max_model_len=max_model_len, prefill_chunk=min(prefill_chunk, max_model_len),
-                        max_batch=max_batch, attention=resolve_attention(attention, platform),
+                        max_batch=max_batch, attention=resolve_attention(attention, platform, _device_kind(platform)),
                         dtype=dtype, cache_dtype=cache_dtype or dtype)
