@@ -21,17 +21,15 @@ def engine():
 def test_shipped_checkpoint_is_the_demo_model(engine):
     cfg = engine.config
     assert cfg.max_position_embeddings == TRAIN_LEN
+    # DCA chunk 1024 = half the training length (the largest chunk of its DCA-augmented training)
     assert cfg.dca is not None and (cfg.dca.chunk_size, cfg.dca.original_max_position_embeddings) == \
-        (TRAIN_LEN, TRAIN_LEN)
+        (TRAIN_LEN // 2, TRAIN_LEN)
     # 4x the training length needs more than one DCA chunk: the prefill is cut at multiples of s
     plan = engine.prefill_plan(LENGTH - pk.ANSWER_RESERVE)
     assert any(end % cfg.dca.chunk_len == 0 for _, end in plan[:-1]) and len(plan) > LENGTH // 1024
 
 
-# Measured (benchmarks/passkey/README.md): the shipped model scores 100% at 2K but only ~10% at 8K with DCA
-# (its digits come out partly wrong even when the key is near the question), so this test documents the
-# gap until a model trained with DCA-aware batches replaces it. strict=False: it turns green by itself.
-@pytest.mark.xfail(strict=False, reason="demo model: 10% passkey accuracy at 8K with DCA (GPU eval, 10 depths)")
+# Measured on the GPU (benchmarks/passkey/README.md): 100% at 2K, 8K and 32K (20 prompts each) with DCA.
 @pytest.mark.parametrize("depth,seed", [(0.25, 11)])   # key > 2K tokens before the question
 def test_retrieves_passkey_at_4x_training_length_with_dca(engine, depth, seed):
     p = pk.make_prompt(engine.tokenizer, LENGTH - pk.ANSWER_RESERVE, depth, seed)

@@ -3,6 +3,7 @@ the scoring, the evaluation table / JSON / CLI, and benchmarks/passkey/train.py'
 zenjax.convert -> zenjax.load gives the training forward's logits)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -148,6 +149,21 @@ def test_cli_on_embedded_model(tmp_path, capsys):
     assert "1m" in capsys.readouterr().err
 
 
+def test_cli_dca_override(tmp_path, capsys):
+    """--dca CHUNK,LOCAL overrides the checkpoint's DCA (ORIG from its trained length) and is recorded;
+    a malformed value is a clear error (exit 2)."""
+    from zenjax.eval.__main__ import main
+    assert main(["passkey", "--lengths", "384", "--depths", "1", "--dca", "256,32", "--out", str(tmp_path),
+                 "--name", "x"]) == 0
+    r = json.loads((tmp_path / "x.json").read_text())
+    assert r["dca"] == {"chunk_size": 256, "local_size": 32, "original_max_position_embeddings": 2048}
+    assert r["prefill_chunk"] == 224          # capped at s = 256 - 32: larger pieces would only pad
+    capsys.readouterr()
+    assert main(["passkey", "--lengths", "384", "--dca", "256,x"]) == 2
+    assert "256,x" in capsys.readouterr().err
+    assert main(["passkey", "--lengths", "384", "--dca", "256,32", "--no-dca"]) == 2
+
+
 def test_cli_server_refuses_local_options(capsys):
     from zenjax.eval.__main__ import main
     assert main(["passkey", "--server", "127.0.0.1:1", "--no-dca"]) == 2
@@ -183,5 +199,14 @@ def test_train_export_roundtrip(tmp_path):
     assert np.allclose(scaled["layers"]["0"]["wq"], 1.3 * np.asarray(params["layers"]["0"]["wq"]))
     assert np.allclose(scaled["layers"]["1"]["bk"], 1.3 * np.asarray(params["layers"]["1"]["bk"]))
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
-    assert hf_cfg["dual_chunk_attention_config"] == {"chunk_size": 2048, "local_size": 256,
+    assert hf_cfg["dual_chunk_attention_config"] == {"chunk_size": 1024, "local_size": 128,
                                                      "original_max_position_embeddings": 2048}
+    # --dca-aug trains through the model's own DCA path: the training forward with a DCA config equals the
+    # engine's chunked DCA prefill (pieces cut at s = 56, temperature 1 below the trained length)
+    from zenjax.config import DCAConfig
+    dca = DCAConfig(64, 8, 2048)
+    want = np.asarray(train.forward(dataclasses.replace(cfg, dca=dca), params, jnp.asarray([ids], jnp.int32))[0])
+    engine = zenjax.load(tmp_path / "zj", max_model_len=256, prefill_chunk=64, attention="reference",
+                         dtype="float32", dca=dca, verbose=False)
+    np.testing.assert_allclose(engine.logits(ids), want, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(engine.logits(ids), got, atol=1e-2)       # and DCA does change the logits

@@ -1,7 +1,7 @@
 """Evaluations of zenjax models.
 
     python -m zenjax.eval passkey --checkpoint DIR --lengths 2k,8k,32k,128k --depths 10 [--no-dca]
-                                  [--server HOST:PORT] [--samples N] [--out DIR] [--seed S]
+                                  [--dca CHUNK,LOCAL[,ORIG]] [--server HOST:PORT] [--samples N] [--out DIR] [--seed S]
     python -m zenjax.eval plot RESULT.json [--out FILE.png] [--title TEXT]
 
 `passkey` prints the accuracy table (rows = depth, columns = length) on stdout, a progress bar on stderr
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=1, help="prompts (different keys and filler) per cell")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-dca", action="store_true", help="turn the checkpoint's DCA off (plain RoPE)")
+    p.add_argument("--dca", default=None, metavar="CHUNK,LOCAL[,ORIG]",
+                   help="DCA config overriding the checkpoint's (ORIG defaults to its max_position_embeddings)")
     p.add_argument("--attention", default="reference", help="reference | cudnn | pallas | auto")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--dtype", default="float32")
@@ -38,6 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def parse_dca(text: str, checkpoint):
+    """'1024,128' or '1024,128,2048' -> DCAConfig; ORIG defaults to the checkpoint's trained length."""
+    from zenjax.checkpoint import read_config
+    from zenjax.config import DCAConfig
+    from zenjax.engine import DEFAULT_CHECKPOINT
+    cfg, _ = read_config(Path(checkpoint) if checkpoint else DEFAULT_CHECKPOINT)
+    return DCAConfig.parse(text, cfg.max_position_embeddings)
+
+
 def run_passkey(args) -> dict:
     from zenjax.eval import passkey as pk
     lengths = [pk.parse_length(s) for s in args.lengths.split(",") if s.strip()]
@@ -46,12 +57,17 @@ def run_passkey(args) -> dict:
     short = [L for L in lengths if L <= pk.ANSWER_RESERVE + 64]
     if short:
         raise ValueError(f"--lengths {short}: too short for a passkey prompt")
+    dca = not args.no_dca
+    if args.dca is not None:
+        if args.no_dca:
+            raise ValueError("--dca and --no-dca contradict each other")
+        dca = parse_dca(args.dca, args.checkpoint)
     if args.server:
-        if args.checkpoint or args.no_dca:
-            raise ValueError("--server: --checkpoint and --no-dca are the server's choice, not the client's")
+        if args.checkpoint or args.no_dca or args.dca:
+            raise ValueError("--server: --checkpoint and --no-dca/--dca are the server's choice, not the client's")
         backend = pk.ServerBackend(args.server)
     else:
-        backend = pk.LocalBackend(args.checkpoint, dca=not args.no_dca, attention=args.attention,
+        backend = pk.LocalBackend(args.checkpoint, dca=dca, attention=args.attention,
                                   prefill_chunk=args.prefill_chunk, dtype=args.dtype)
     result = pk.evaluate(backend, lengths, pk.depth_grid(args.depths), samples=args.samples, seed=args.seed,
                          max_seconds=args.max_seconds)

@@ -193,8 +193,11 @@ def cell_seed(seed: int, length: int, depth_index: int, sample: int) -> int:
 class LocalBackend:
     """zenjax.load of a checkpoint; one engine per evaluation length (max_model_len = length)."""
 
-    def __init__(self, checkpoint=None, *, dca: bool = True, attention: str = "reference",
+    def __init__(self, checkpoint=None, *, dca=True, attention: str = "reference",
                  prefill_chunk: int = 2048, dtype: str = "float32"):
+        """dca: True (the checkpoint's config), False (off) or a DCAConfig (override), as zenjax.load.
+        With DCA the prefill chunk is capped at the DCA chunk length s: the engine cuts pieces at DCA
+        boundaries and pads each to prefill_chunk rows, so a larger chunk only computes padding."""
         from zenjax.checkpoint import read_config
         from zenjax.tokenizer import Tokenizer
         self.checkpoint, self.dca, self.attention = checkpoint, dca, attention
@@ -204,11 +207,17 @@ class LocalBackend:
             from zenjax.engine import DEFAULT_CHECKPOINT
             path = DEFAULT_CHECKPOINT
         self.cfg, _ = read_config(path)
+        if dca is not True and dca is not False:
+            self.cfg = dataclasses.replace(self.cfg, dca=dca)
+        elif dca is False:
+            self.cfg = dataclasses.replace(self.cfg, dca=None)
+        if self.cfg.dca is not None:
+            self.prefill_chunk = min(prefill_chunk, self.cfg.dca.chunk_len)
         self.tokenizer = Tokenizer.from_dir(path)
         self._engine, self._engine_len = None, None
 
     def describe(self) -> dict:
-        dca = self.cfg.dca.to_hf() if (self.dca and self.cfg.dca) else None
+        dca = self.cfg.dca.to_hf() if self.cfg.dca else None
         return {"backend": "local", "checkpoint": str(self.checkpoint or "embedded-default"), "dca": dca,
                 "attention": self.attention, "prefill_chunk": self.prefill_chunk, "dtype": self.dtype}
 

@@ -115,9 +115,8 @@ def parse_dca(text: str):
     """"CHUNK,LOCAL,ORIGINAL_MAX" -> DCAConfig; None if it is not of that form."""
     from zenjax.config import ConfigError, DCAConfig
     try:
-        c, w, l0 = (int(x) for x in text.split(","))
-        return DCAConfig(c, w, l0)
-    except (ValueError, ConfigError):
+        return DCAConfig.parse(text)
+    except ConfigError:
         return None
 
 
