@@ -109,3 +109,17 @@ def test_auto_attention_picks_the_measured_fastest_path():
     assert resolve_attention("cudnn", "gpu", "NVIDIA H100 80GB HBM3") == "cudnn"     # explicit wins
     with pytest.raises(ConfigError, match="attention='flash'"):
         resolve_attention("flash", "gpu")
+
+
+def test_cache_is_rounded_to_the_kernel_tile_but_the_limit_is_max_model_len():
+    """max_model_len 160 -> 256 cache slots (the Hopper prefill kernel's 128-key tiles, no per-step pad);
+    the limit users see stays 160 and a sequence that fills it still generates correctly."""
+    e = make(64, max_batch=1)
+    assert e.cache_len == 256 and e._cache.k[0].shape[1] == 256
+    with pytest.raises(PromptError, match="max_model_len"):
+        e.encode_prompt([1] * 160)
+    ids = IDS + IDS[:55]                                      # 155 tokens: 4 decode steps reach 159
+    out = e.generate(ids, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.token_ids) == 160 - len(ids)
+    ref = make(64, max_batch=1, max_len=256)                 # cache already aligned: same tokens
+    assert ref.generate(ids, SamplingParams(max_new_tokens=5, ignore_eos=True)).token_ids == out.token_ids

@@ -18,7 +18,8 @@ per DCA chunk.
 
 Compiled shapes (the whole list; see `compiled_shapes`): prefill [1, prefill_chunk] with last-row logits,
 the same with all-row logits (only for `engine.logits`, research use), decode [max_batch, 1], and two
-tiny sampler updates. The cache is [max_batch, max_model_len, K, H] per layer for k and v, allocated once
+tiny sampler updates. The cache is [max_batch, cache_len, K, H] per layer for k and v (cache_len =
+max_model_len rounded up to CACHE_ALIGN = 128), allocated once
 and donated to every step.
 """
 from __future__ import annotations
@@ -110,6 +111,9 @@ class _IdStream:
         return ""
 
 
+CACHE_ALIGN = 128    # cache slots are a multiple of the Mosaic GPU prefill kernel's key tile
+
+
 class Engine:
     def __init__(self, cfg: ModelConfig, params: dict, ec: EngineConfig, *, tokenizer=None,
                  eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True):
@@ -120,12 +124,17 @@ class Engine:
         model = Qwen2(cfg, params)
         self._graphdef, self._state = nnx.split(model)
         cache_dtype = jnp.dtype(ec.cache_dtype)
-        self.cache_bytes = KVCache.nbytes(cfg, ec.max_batch, ec.max_model_len, cache_dtype)
+        # The cache holds max_model_len slots rounded up to CACHE_ALIGN: the Hopper prefill kernel walks
+        # 128-key tiles and would otherwise pad (copy) a whole layer's cache every step. The extra slots are
+        # never valid keys (kv_len <= max_model_len); the first one past the end is the write sentinel of
+        # padding rows. Example: max_model_len 1,010,000 -> 1,010,048 cache slots.
+        self.cache_len = -(-ec.max_model_len // CACHE_ALIGN) * CACHE_ALIGN
+        self.cache_bytes = KVCache.nbytes(cfg, ec.max_batch, self.cache_len, cache_dtype)
         if verbose:
-            print(f"zenjax: KV cache {ec.max_batch} x {ec.max_model_len} tokens x {cfg.num_layers} layers, "
+            print(f"zenjax: KV cache {ec.max_batch} x {self.cache_len} tokens x {cfg.num_layers} layers, "
                   f"{cache_dtype.name}: {self.cache_bytes / 2**30:.3f} GiB; attention={ec.attention}",
                   file=sys.stderr)
-        self._cache = KVCache.zeros(cfg, ec.max_batch, ec.max_model_len, cache_dtype,
+        self._cache = KVCache.zeros(cfg, ec.max_batch, self.cache_len, cache_dtype,
                                     sharding_for(CACHE_AXES, self.mesh))
         # placed on the mesh from the start so the first step's output has the same type as its input
         # (otherwise every step function compiles a second time)
@@ -245,11 +254,11 @@ class Engine:
                           temp=jnp.asarray(temp, jnp.float32))
 
     def _piece_inputs(self, ids: Sequence[int], start: int, end: int, total_len: int) -> StepInputs:
-        T, S = self.engine_config.prefill_chunk, self.engine_config.max_model_len
+        T = self.engine_config.prefill_chunk
         n = end - start
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = ids[start:end]
-        write_pos = np.full((1, T), S, np.int32)          # padding rows write nowhere
+        write_pos = np.full((1, T), self.cache_len, np.int32)          # padding rows write nowhere
         write_pos[0, :n] = np.arange(start, end)
         return self._inputs(tokens, [start], [end], write_pos, [self.temperature(total_len)])
 
@@ -291,7 +300,7 @@ class Engine:
         B, S = self.max_batch, self.engine_config.max_model_len
         tokens = np.zeros((B, 1), np.int32)
         pos = np.zeros((B,), np.int32)
-        write = np.full((B, 1), S, np.int32)
+        write = np.full((B, 1), self.cache_len, np.int32)            # idle slots write nowhere
         temp = np.ones((B,), np.float32)
         for s in slots:
             seq = self._seqs[s]
