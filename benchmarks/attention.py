@@ -12,8 +12,9 @@ What it does, in order (each part prints as it goes; the table comes last):
    S = 32K with DCA (c=16384, w=2048: s=14336, the prompt spans DCA chunks 0..2 so intra, succ and inter
    all appear) and S = 128K (c=65536, w=8192: s=57344). Compared with dense cuDNN causal attention
    (jax.nn.dot_product_attention implementation="cudnn") on the same S, and the cuDNN 3-call DCA merge
-   (zenjax/attention_cudnn.py) when that module exists. TFLOP/s count causal-equivalent work
-   4 * S^2 * N * H / 2 for every path, so the columns compare times. At 128K also the last chunked-prefill
+   (zenjax/attention_cudnn.py) when that module exists, and the dispatcher's pallas path (on Hopper the
+   Mosaic GPU kernel, pallas_kernels/dca_prefill_mgpu.py; elsewhere the Triton kernel above). TFLOP/s
+   count causal-equivalent work 4 * S^2 * N * H / 2 for every path, so the columns compare times. At 128K also the last chunked-prefill
    step alone (8192 queries at q_start = S - 8192), and at 32K an A/B of the DCA kernel without its
    uniform-tile fast path.
 4. Decode, T=1, at 128K and 1M cached tokens (DCA c=65536, w=8192 at 128K; Qwen2.5-1M's c=262144,
@@ -32,20 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import bench
+
 N, K, H = 28, 4, 128
-
-
-def bench(f, *args, reps: int = 10, inner: int = 1) -> float:
-    """Median seconds per call; `inner` calls are queued before one sync (hides dispatch for tiny ones)."""
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times))
 
 
 def ceilings(res: dict) -> None:
@@ -140,9 +130,16 @@ def prefill(res: dict, S: int, c: int, w: int, sweep: bool, rows: list) -> None:
         record(f"pallas plain causal bq{bq} bk{bk} w{nw} s{ns}", f, q3[0], k, v)
         if t_cudnn:
             res[f"prefill_{S}_dca_vs_cudnn"] = t_cudnn / best[0]
+    # The dispatcher's pallas path: on Hopper the Mosaic GPU kernel (pallas_kernels/dca_prefill_mgpu.py)
+    from zenjax import attention_pallas
+    from zenjax.config import DCAConfig
+    f = jax.jit(lambda q, k, v: attention_pallas.attention_lse(q, k, v, q_start=zero, kv_len=full,
+                                                             dca=DCAConfig(c, w, c))[0])
+    t = record("pallas DCA via dispatcher (Mosaic GPU on Hopper)", f, q3, k, v)
+    if t and t_cudnn:
+        res[f"prefill_{S}_dispatcher_vs_cudnn"] = t_cudnn / t
     try:
         from zenjax import attention_cudnn
-        from zenjax.config import DCAConfig
         dca = DCAConfig(c, w, c)
         # q_start / kv_len are concrete here, so the module cuts the prompt at DCA chunk boundaries itself
         # (one cuDNN call per region and per DCA chunk of rows) and merges by LSE.

@@ -25,21 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import bench
 from pallas_kernels.dca_prefill import dca_prefill, dca_prefill_reference
 from pallas_kernels.dca_prefill_mgpu import dca_prefill_mgpu
 
 N, K, H = 28, 4, 128
-
-
-def bench(f, *args, reps: int) -> float:
-    """Median seconds per call after one warm-up (compile) call."""
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def _inputs(seed, *, dca, B, T, S, dtype=jnp.bfloat16):

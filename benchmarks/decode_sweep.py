@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import bench
 from pallas_kernels.dca_decode import (LOOPS, _decode_partials, dca_decode, dca_decode_reference,
                                        default_num_splits, device_num_sms)
 
@@ -107,19 +108,6 @@ def grid_128k(num_sms: int, kv_heads: int = 4) -> list[Config]:
 def smoke_grid(num_sms: int, kv_heads: int = 4) -> list[Config]:
     # block 32 does not divide s = 48: must be reported as failed and skipped, not stop the run.
     return [Config(5, 16, 2, 3, "segments"), Config(3, 32, 2, 3, "single")]
-
-
-def bench(f, *args, reps: int = 10, inner: int = 10) -> float:
-    """Median seconds per call over `reps` syncs of `inner` queued calls (after one warm-up call)."""
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = f(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner)
-    return float(np.median(times))
 
 
 def _inputs(case: Case, seed: int):
