@@ -2,10 +2,10 @@
 
     PYTHONPATH=. python3 benchmarks/compile_time.py --layers 1,4 --impls cudnn-dca,cudnn,pallas-dca
 
-Session 1 saw the 28-layer unrolled prefill step take ~3 minutes to compile on the H100, while the same
-step compiles in ~5 s on the CPU (reference attention): so the time is GPU-specific (cuDNN graph builds
-per attention call, GEMM autotuning or Triton kernels), and it decides whether a 1M-token prompt (~410 s
-of prefill) fits in one 600 s device call. For each impl and layer count this builds an engine with the
+Written because session 1 blamed ~3 minutes of compile on the 28-layer unrolled prefill step, which
+decides whether a 1M-token prompt (~400 s of prefill) fits in one 600 s device call. Answer (H100,
+2026-11-23): no per-layer cost (5.9 s at 1 layer, 5.4 s at 3, cuDNN DCA), the full 28-layer step ~11 s;
+the 3 minutes were the benchmarks' old one-jit random-weight generator. For each impl and layer count this builds an engine with the
 Qwen2.5-7B shape truncated to L layers (random weights), times the first 8K-token prefill (compile + run)
 and a second one (run), and reports compile = first - second. The slope over L is the per-layer cost:
     per_layer = (compile(L2) - compile(L1)) / (L2 - L1);  28-layer estimate = compile(L1) + (28-L1) * slope
