@@ -37,7 +37,7 @@ def measure(engine: Engine, contexts, warm: dict, steps: int = 32) -> list[dict]
         itemsize = 1 if "float8" in ec.cache_dtype else 2
         kv = 2 * cfg.num_layers * len(slots) * ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
         by = 2 * layer_params(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + kv
-        row = dict(context=ctx, batch=len(slots), cache_len=ec.max_model_len, dca=cfg.dca is not None,
+        row = dict(context=ctx, batch=len(slots), cache_len=engine.cache_len, dca=cfg.dca is not None,
                    attention=ec.attention, cache_dtype=ec.cache_dtype, ms_per_step=round(dt * 1e3, 2),
                    tokens_per_s=round(len(slots) / dt, 1), gbs=round(by / dt / 1e9, 1),
                    pct_copy_bw=round(100 * by / dt / 1e12 / warm["copy_tbs"], 1), peak_gib=round(peak_memory_gib(), 2))

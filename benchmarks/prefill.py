@@ -48,7 +48,7 @@ def measure(engine: Engine, lengths, warm: dict, on_row=None) -> list[dict]:
         t = ttft(engine, ids)
         flops = 2 * layer_params(cfg) * L + cfg.num_layers * 2 * L * L * cfg.num_heads * cfg.head_dim
         tf = flops / t / 1e12
-        row = dict(tokens=L, chunk=ec.prefill_chunk, cache_len=ec.max_model_len, dca=cfg.dca is not None,
+        row = dict(tokens=L, chunk=ec.prefill_chunk, cache_len=engine.cache_len, dca=cfg.dca is not None,
                    attention=ec.attention, cache_dtype=ec.cache_dtype, ttft_s=round(t, 3), tflops=round(tf, 1),
                    pct_matmul=round(100 * tf / warm["matmul_tflops"], 1), peak_gib=round(peak_memory_gib(), 2),
                    warmup_s=round(warmup, 1))

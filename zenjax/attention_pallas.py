@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from pallas_kernels.dca_decode import dca_decode
 from pallas_kernels.dca_prefill import dca_prefill
-from zenjax.config import DCAConfig
+from zenjax.config import DCAConfig, is_hopper
 
 DECODE_MAX_T = 8
 # Tuned on an H100 (benchmarks/NOTES-attention.md, 2026-11-23, d = 128, bf16): prefill 128-query x 64-key
@@ -42,8 +42,7 @@ def _use_mgpu(q, interpret: bool | None) -> bool:
         return False
     if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 64:
         return False
-    kind = jax.devices()[0].device_kind.lower()
-    return "h100" in kind or "h200" in kind or "h800" in kind or "gh200" in kind
+    return is_hopper(jax.devices()[0].device_kind)
 
 
 def _block(cap: int, chunk_len: int | None, what: str) -> int:

@@ -203,6 +203,21 @@ class EngineConfig:
 HOPPER_KINDS = ("h100", "h200", "h800", "h20", "gh200")
 
 
+def is_hopper(device_kind: str) -> bool:
+    """Whether a jax device_kind names a Hopper GPU (wgmma / TMA: the Mosaic GPU kernels' target)."""
+    return any(k in device_kind.lower() for k in HOPPER_KINDS)
+
+
+def with_dca(cfg: ModelConfig, dca: "DCAConfig | bool | None") -> ModelConfig:
+    """Apply a load-time DCA choice: True / None keep the checkpoint's config, False turns DCA off, a
+    DCAConfig replaces it (any Qwen2 checkpoint)."""
+    if dca is False:
+        return dataclasses.replace(cfg, dca=None)
+    if isinstance(dca, DCAConfig):
+        return dataclasses.replace(cfg, dca=dca)
+    return cfg
+
+
 def resolve_attention(impl: str, platform: str, device_kind: str = "") -> str:
     """'auto' -> pallas on a Hopper GPU, cudnn on other GPUs, reference elsewhere.
 
@@ -214,7 +229,7 @@ def resolve_attention(impl: str, platform: str, device_kind: str = "") -> str:
     if impl == "auto":
         if platform != "gpu":
             return "reference"
-        return "pallas" if any(k in device_kind.lower() for k in HOPPER_KINDS) else "cudnn"
+        return "pallas" if is_hopper(device_kind) else "cudnn"
     return impl
 
 

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config
+from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config, with_dca
 from zenjax.model import KVCache, Qwen2, StepInputs
 from zenjax.sampling import SamplerState, SamplingParams, sample, slot_values
 from zenjax.sharding import CACHE_AXES, make_mesh, sharding_for
@@ -380,10 +380,7 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
     from zenjax.checkpoint import load_checkpoint, read_config
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     cfg, meta = read_config(path)
-    if dca is False:
-        cfg = dataclasses.replace(cfg, dca=None)
-    elif isinstance(dca, DCAConfig):
-        cfg = dataclasses.replace(cfg, dca=dca)
+    cfg = with_dca(cfg, dca)
     dtype = dtype or meta.get("dtype", "bfloat16")
     ec = engine_config(max_model_len=max_model_len or min(cfg.max_position_embeddings, 32768),
                        prefill_chunk=prefill_chunk, max_batch=max_batch, attention=attention, dtype=dtype,

@@ -16,7 +16,8 @@ Walk:
 3. loss: mean NLL of the answer tokens + 0.1 x mean NLL of the other tokens;
 4. DCA augmentation (--dca-aug 256,512,1024): on a share of the steps the same <= 2K prompt is attended
    through DCA with a smaller chunk c (local c / 8), so one training prompt spans several DCA chunks;
-   no sequence and no relative distance exceeds 2K. DCA temperature augmentation: at inference DCA multiplies q and k by m(L) = 1 + 0.1 ln(L / 2048)
+   no sequence and no relative distance exceeds 2K. DCA temperature augmentation: at inference DCA
+   multiplies q and k by m(L) = 1 + 0.1 ln(L / 2048)
    (m = 1.28 at 32K, 1.42 at 128K). Since RoPE is linear, scaling wq, bq, wk, bk by m is the same thing;
    half of the steps draw m ~ U(1, 1.45) so the model sees the sharper attention it will meet at 16-64x;
 5. AdamW (b2 0.95, wd 0.1, clip 1.0), linear warmup + cosine decay to 10%, scheduled on the fraction of

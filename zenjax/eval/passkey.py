@@ -199,6 +199,7 @@ class LocalBackend:
         With DCA the prefill chunk is capped at the DCA chunk length s: the engine cuts pieces at DCA
         boundaries and pads each to prefill_chunk rows, so a larger chunk only computes padding."""
         from zenjax.checkpoint import read_config
+        from zenjax.config import with_dca
         from zenjax.tokenizer import Tokenizer
         self.checkpoint, self.dca, self.attention = checkpoint, dca, attention
         self.prefill_chunk, self.dtype = prefill_chunk, dtype
@@ -207,10 +208,7 @@ class LocalBackend:
             from zenjax.engine import DEFAULT_CHECKPOINT
             path = DEFAULT_CHECKPOINT
         self.cfg, _ = read_config(path)
-        if dca is not True and dca is not False:
-            self.cfg = dataclasses.replace(self.cfg, dca=dca)
-        elif dca is False:
-            self.cfg = dataclasses.replace(self.cfg, dca=None)
+        self.cfg = with_dca(self.cfg, dca)
         if self.cfg.dca is not None:
             self.prefill_chunk = min(prefill_chunk, self.cfg.dca.chunk_len)
         self.tokenizer = Tokenizer.from_dir(path)
