@@ -206,13 +206,18 @@ def _one(client: Client, ids, sampling, cancel_after: int | None, barrier, timeo
     return out
 
 
-def _round(client: Client, reqs, clients: int, cancel_every: int, timeout: float) -> dict:
+def _round(client: Client, reqs, clients: int, cancel_every: int, timeout: float, max_model_len: int) -> dict:
     barrier = threading.Barrier(clients)
     results: list[dict | None] = [None] * clients
 
     def worker(i):
         ids, sampling = reqs[i % len(reqs)]
         cancel_after = 2 if cancel_every and i % cancel_every == cancel_every - 1 else None
+        if cancel_after is not None:
+            # a cancelling client asks for all the room its slot has, so its stream cannot finish before
+            # the cancel lands, whatever the machine's speed (with max_new_tokens 6 a fast server had
+            # sent all 6 tokens and the final status before the client read its 2nd token)
+            sampling = dict(sampling, max_new_tokens=max_model_len - len(ids))
         try:
             results[i] = _one(client, ids, sampling, cancel_after, barrier, timeout)
         except Exception as e:  # a bug in the harness must show, not hang
@@ -251,7 +256,7 @@ def run_load(target: str, *, clients: int = 64, rounds: int = 2, n_distinct: int
                   "short_len": short_len, "long_len": long_len, "cancel_every": cancel_every, "rounds": []}
         rss = []
         for k in range(rounds):
-            res = _round(client, reqs, clients, cancel_every, timeout)
+            res = _round(client, reqs, clients, cancel_every, timeout, info.max_model_len)
             completed = cancelled = 0
             ttfts = []
             for i, r in enumerate(res["results"]):
@@ -260,6 +265,8 @@ def run_load(target: str, *, clients: int = 64, rounds: int = 2, n_distinct: int
                 if r["cancelled"]:
                     cancelled += 1
                     continue
+                assert not (cancel_every and i % cancel_every == cancel_every - 1), \
+                    f"client {i}: asked to cancel after 2 tokens, but its stream ended {r['reason']!r}"
                 want = refs[i % len(reqs)]
                 assert r["reason"] == "length", f"client {i}: finish reason {r['reason']!r}, expected 'length'"
                 assert len(r["token_ids"]) == max_new_tokens, \

@@ -62,6 +62,30 @@ def client(server):
         yield c
 
 
+# Servers whose long streams cannot finish during a test: at this cache length the embedded model decodes
+# ~44 tokens/s on a loaded 2-core CPU, so an 8182-token stream takes about 3 minutes, and an 8000-token
+# prompt needs 500 prefill chunks. Tests that need "still running" use these, never a short deadline.
+LONG_MAX_LEN = 8192
+LONG_SHAPE_ARGS = ["--max-batch", str(MAX_BATCH), "--max-model-len", str(LONG_MAX_LEN),
+                   "--prefill-chunk", str(PREFILL_CHUNK)]
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    mport = free_port()
+    srv = serve_load.ServerProcess([*LONG_SHAPE_ARGS, "--max-queue", str(MAX_QUEUE), "--metrics-port",
+                                    str(mport), "--grace-seconds", "0"], env=server_env(tmp_path_factory))
+    srv.metrics_port = mport
+    yield srv
+    assert srv.stop() == 0, srv.stderr_tail()
+
+
+@pytest.fixture(scope="module")
+def long_client(long_server):
+    with Client(long_server.target) as c:
+        yield c
+
+
 class Stream:
     """Reads one Generate stream in a thread; records each event with a global arrival index."""
 
@@ -306,10 +330,12 @@ def test_bad_input_is_invalid_argument_naming_the_field(server, client, case):
 
 
 # ---------------------------------------------------------------- load behaviour
-def test_full_queue_is_resource_exhausted_and_cancel_frees_slot(server, client):
+def test_full_queue_is_resource_exhausted_and_cancel_frees_slot(long_server, long_client):
     """2 slots + 2 queued requests fill the server; the 5th is RESOURCE_EXHAUSTED. Cancelling a running
-    one hands its slot to the oldest queued request; a deadline frees the slot the same way."""
-    endless = dict(max_new_tokens=MAX_MODEL_LEN - 10, ignore_eos=True)
+    one hands its slot to the oldest queued request. The endless streams (8182 tokens) stay running until
+    cancelled on any machine (see LONG_MAX_LEN)."""
+    server, client = long_server, long_client
+    endless = dict(max_new_tokens=LONG_MAX_LEN - 10, ignore_eos=True)
     running = [Stream(client, [5, 6, 7], **endless) for _ in range(2)]
     for s in running:
         s.wait_for("delta")
@@ -333,19 +359,26 @@ def test_full_queue_is_resource_exhausted_and_cancel_frees_slot(server, client):
     cancelled_logs = [e for e in server.find("request") if e["status"] == "CANCELLED"]
     assert len(cancelled_logs) >= 3
 
-    # deadline: the client gives up, the server frees the slot within one engine step
-    dl = Stream(client, [5, 6, 7], timeout=1.0, **endless).join()
+
+def test_deadline_frees_the_slot(long_server, long_client):
+    """The client gives up after 1 s; the server frees the slot within one engine step and keeps serving.
+    Speed-independent: the stream asks for 8182 tokens (minutes here; a machine would have to be ~190x
+    faster to finish it within the deadline)."""
+    dl = Stream(long_client, [5, 6, 7], timeout=1.0, max_new_tokens=LONG_MAX_LEN - 10, ignore_eos=True).join()
     assert dl.error is not None and dl.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    wait_metrics(server, zenjax_running_sequences=0, zenjax_queue_depth=0)
-    ok = client.complete([5, 6, 7], max_new_tokens=3, ignore_eos=True, timeout=TIMEOUT)
+    wait_metrics(long_server, zenjax_running_sequences=0, zenjax_queue_depth=0)
+    ok = long_client.complete([5, 6, 7], max_new_tokens=3, ignore_eos=True, timeout=TIMEOUT)
     assert len(ok.token_ids) == 3
 
 
-def test_short_prompt_gets_first_token_while_long_prompt_prefills(client):
-    """A 1000-token prompt needs 63 prefill chunks of 16; a short prompt submitted after the long one's
+def test_short_prompt_gets_first_token_while_long_prompt_prefills(long_client):
+    """An 8000-token prompt needs 500 prefill chunks of 16; a short prompt submitted after the long one's
     first chunk is prefilled between its chunks and streams its first token before the long prompt's
-    last chunk (order of arrival at the client; no timing assumed)."""
-    long = Stream(client, long_prompt(1000), max_new_tokens=2, ignore_eos=True)
+    last chunk (order of arrival at the client). The only race is the client submitting the short prompt
+    before 499 chunks are done, which takes seconds even on a fast machine (1000 tokens, 63 chunks, was
+    too few for a loaded client thread)."""
+    client, n = long_client, 8000
+    long = Stream(client, long_prompt(n), max_new_tokens=2, ignore_eos=True)
     long.wait_for("progress")
     short = Stream(client, [5, 6, 7, 8], max_new_tokens=4, ignore_eos=True)
     short.join()
@@ -353,7 +386,7 @@ def test_short_prompt_gets_first_token_while_long_prompt_prefills(client):
     assert short.error is None and long.error is None
     first_short_token = short.of("delta")[0][0]
     last_long_chunk = long.of("progress")[-1]
-    assert last_long_chunk[1].prefilled_tokens == 1000
+    assert last_long_chunk[1].prefilled_tokens == n
     assert first_short_token < last_long_chunk[0], "short prompt waited for the whole long prefill"
     # and the short request finished entirely while the long one was still reading its prompt
     assert short.of("finished")[0][0] < last_long_chunk[0]
@@ -420,10 +453,10 @@ def test_sigterm_grace_expiry_cancels_running_and_queued_then_exits_zero(tmp_pat
 
     Speed-independent: grace 0 needs no stream to be slow or fast. The only race is a stream finishing
     its 8182 tokens between its first token and the drain (the server checks for the signal every 0.5 s);
-    on this model that is over 30 s of decoding on a 2-core CPU, so a machine would need to be 60x faster."""
-    max_len = 8192
-    srv = serve_load.ServerProcess(["--max-batch", "2", "--max-model-len", str(max_len), "--prefill-chunk",
-                                    str(PREFILL_CHUNK), "--max-queue", "2", "--grace-seconds", "0"],
+    at this cache length that is about 3 minutes of decoding on a 2-core CPU (see test_deadline_frees_the_slot),
+    so a machine would need to be ~360x faster."""
+    max_len = LONG_MAX_LEN
+    srv = serve_load.ServerProcess([*LONG_SHAPE_ARGS, "--max-queue", "2", "--grace-seconds", "0"],
                                    env=server_env(tmp_path_factory))
     try:
         with Client(srv.target) as c:
