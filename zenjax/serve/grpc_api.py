@@ -180,7 +180,8 @@ class InferenceServicer:
             left = context.time_remaining()
             req.cancel("deadline" if left is not None and left <= 0 else "client")
 
-        context.add_callback(on_done)
+        if not context.add_callback(on_done):   # the RPC ended while the prompt was being prepared
+            req.cancel("client")
         try:
             while True:
                 try:
