@@ -409,3 +409,43 @@ def test_second_sigterm_during_drain_exits_at_once_nonzero():
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+class BlockingTokenizer(CountingTokenizer):
+    """encode waits for `release`: a stand-in for a slow tokenization."""
+
+    def __init__(self, tok):
+        super().__init__(tok)
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def encode(self, *a, **k):
+        self.entered.set()
+        assert self.release.wait(WAIT)
+        return self.tok.encode(*a, **k)
+
+
+def test_tokenization_is_off_the_health_and_decode_path(server):
+    """While one prompt is being tokenized (held here), health answers on both front ends and a running
+    stream keeps getting tokens: tokenizing runs in the prep pool, not on the scheduler or I/O threads."""
+    tok = server.engine.tokenizer = BlockingTokenizer(server.engine.tokenizer)
+    with Client(f"127.0.0.1:{server.port}") as c:
+        running = c.generate_stream([5, 6], max_new_tokens=ENDLESS, timeout=WAIT)
+        it = iter(running)
+        next(it)
+        slow = c.generate_stream("a prompt that takes long to tokenize", max_new_tokens=2, timeout=WAIT)
+        slow_events = []
+        t = threading.Thread(target=lambda: slow_events.extend(slow), daemon=True)
+        t.start()
+        assert tok.entered.wait(WAIT)
+        assert c.health_status() == "SERVING"
+        assert httpx.get(url(server, "/health")).status_code == 200
+        deltas = 0
+        for r in it:                                    # tokens keep coming while encode is held
+            deltas += r.WhichOneof("event") == "delta"
+            if deltas == 20:
+                break
+        assert not tok.release.is_set() and not slow_events
+        tok.release.set()
+        t.join(WAIT)
+        assert slow_events[-1].WhichOneof("event") == "finished"
+        running.cancel()

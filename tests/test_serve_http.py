@@ -178,6 +178,8 @@ def test_prefill_progress_extension(oa, grpc_client):
     (dict(messages=[{"role": "robot", "content": "hi"}]), "messages", openai.BadRequestError),
     (dict(messages=[]), "messages", openai.BadRequestError),
     (dict(model="gpt-4o"), "model", openai.NotFoundError),
+    (dict(extra_body={"top_k": 2**40}), "top_k", openai.BadRequestError),
+    (dict(extra_body={"repetition_penalty": "high"}), "repetition_penalty", openai.BadRequestError),
 ])
 def test_bad_requests_are_openai_errors_naming_the_param(oa, kw, param, exc):
     args = dict(model=MODEL, messages=CHAT, max_tokens=4)

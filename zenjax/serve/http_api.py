@@ -216,7 +216,7 @@ def create_app(service: Service) -> FastAPI:
             log_event("malformed_request", logging.WARNING, transport="http", error=err.get("msg"))
             return _error(400, f"request body is not valid JSON: {err.get('msg')}", None, "invalid_json")
         param = ".".join(loc) or None
-        s.metrics.finished("rejected", "INVALID_REQUEST")
+        s.reject("", InvalidRequest(f"{param or 'body'}: {err.get('msg', 'invalid')}", param), transport="http")
         return _error(400, f"{param or 'body'}: {err.get('msg', 'invalid')}", param, "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)

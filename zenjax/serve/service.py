@@ -12,7 +12,8 @@ Both front ends (zenjax/serve/grpc_api.py, zenjax/serve/http_api.py) are thin ad
       -> the front end reads Request.events and encodes them in its protocol.
 
 Errors are errors.ServiceError subclasses; each front end maps them to its own status codes. Every
-refused request is logged (JSON) and counted (zenjax_requests_total{reason="rejected"}) by `reject`.
+refused generation request is logged (JSON) and counted (zenjax_requests_total{reason="rejected"}) by
+`reject`.
 """
 from __future__ import annotations
 
@@ -404,6 +405,9 @@ def sampling_params(sampling: dict, prompt_tokens: int, limits: Limits) -> Sampl
     elif n > room:
         raise InvalidRequest(f"max_new_tokens={n}: prompt tokens ({prompt_tokens}) + max_new_tokens exceed "
                              f"max_model_len={limits.max_model_len} (at most {room} here)", "max_new_tokens")
+    top_k = kw.get("top_k")
+    if top_k is not None and top_k > 2**31 - 1:      # the sampler holds it as int32 (0 = off)
+        raise InvalidRequest(f"top_k={top_k} must be < 2**31 (0 disables it)", "top_k")
     try:
         return SamplingParams(**kw)
     except SamplingError as e:
