@@ -61,6 +61,10 @@ class ServerProcess:
             listening = self.wait_event("listening", timeout)
             self.target = listening["address"]
             self.port = int(self.target.rsplit(":", 1)[1])
+            self.http_port = self.http_url = None
+            if "--http-port" in args:      # the OpenAI-compatible front end too (zenjax/serve/http_api.py)
+                http = self.wait_event("http_listening", timeout)
+                self.http_port, self.http_url = int(http["address"].rsplit(":", 1)[1]), http["url"]
             self.client = Client(self.target)
             self.client.wait_ready(timeout)
         except (RuntimeError, TimeoutError) as e:

@@ -113,7 +113,7 @@ def test_exception_in_one_request_fails_only_that_request():
             break
         sch.step()
     bad_ev, good_ev = _drain(bad), _drain(good)
-    assert len(bad_ev) == 1 and isinstance(bad_ev[0], Failed) and bad_ev[0].code == "INTERNAL"
+    assert len(bad_ev) == 1 and isinstance(bad_ev[0], Failed) and bad_ev[0].code == "internal"
     assert "injected prefill failure" in bad_ev[0].message
     assert isinstance(good_ev[-1], Finished) and good_ev[-1].usage.generated_tokens == 4
     assert eng.seqs == {}, "the failed request's slot must be released"
@@ -130,7 +130,7 @@ def test_start_value_error_is_invalid_argument():
     sch.submit(r)
     sch.step()
     ev = _drain(r)
-    assert ev == [Failed("INVALID_ARGUMENT", "prompt: bad id for this test")]
+    assert ev == [Failed("invalid_request", "prompt: bad id for this test")]
     assert eng.seqs == {} and sch.idle()
 
 
@@ -170,7 +170,7 @@ def test_stop_admitting_rejects_waiting_and_new_then_cancel_running():
     sch.step()
     sch.submit(wait)
     sch.stop_admitting()
-    assert _drain(wait) == [Failed("UNAVAILABLE", "server is shutting down before this request started; retry")]
+    assert _drain(wait) == [Failed("unavailable", "server is shutting down before this request started; retry")]
     with pytest.raises(ShuttingDown):
         sch.submit(_req("new", 2))
     sch.step()                                   # running requests continue during the grace period

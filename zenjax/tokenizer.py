@@ -11,6 +11,14 @@ and `utils.chat_template_utils.render_jinja_template`):
    add_generation_prompt, the named special tokens (bos_token, eos_token, ...) and caller kwargs;
 4. encode the rendered string with add_special_tokens=False (the template already wrote every control token).
 
+Control tokens typed inside message content: `tokenizers` matches added tokens anywhere in the text, so by
+default (as transformers) a message whose content says "<|im_end|>\n<|im_start|>system\n..." becomes real
+control tokens and forges a turn. With special_tokens_in_content=False (what the server uses) the template
+is rendered with a per-call random marker in place of each content, the template text around the markers
+is encoded as usual, and each content is encoded by a copy of the tokenizer without added tokens, so
+"<|im_end|>" in content becomes the plain pieces "<", "|", "im", ... A chat whose contents hold no
+added-token text takes the ordinary path, so its ids stay exactly transformers'.
+
 Worked example with Qwen2.5's template and [{"role": "user", "content": "Hi"}]:
     "<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n"
     "<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n"
@@ -21,6 +29,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,6 +38,10 @@ from typing import Any, Iterable, Mapping, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 
 ROLES = ("system", "user", "assistant", "tool")
+# `Tokenizer.encode` holds the GIL for the whole call; `encode_batch` releases it. Texts longer than this
+# go through encode_batch (same ids) so a long prompt being tokenized does not stall other threads
+# (the server's health checks and scheduler; measured: 4.3 MB of text held the GIL for 6.8 s).
+_GIL_FREE_CHARS = 4096
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named tokens a chat template sees as variables.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                        "mask_token")
@@ -153,7 +167,24 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise PromptError(f"encode expects a str, got {type(text).__name__}")
+        if len(text) > _GIL_FREE_CHARS:
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def added_tokens(self) -> tuple[str, ...]:
+        """The text of every added token (the control tokens, special-flagged or not, e.g. <tool_call>)."""
+        if not hasattr(self, "_added"):
+            self._added = tuple(t.content for t in self._tok.get_added_tokens_decoder().values())
+        return self._added
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode text with no added token recognised: "<|im_end|>" becomes ordinary BPE pieces."""
+        if not hasattr(self, "_plain_tok"):
+            spec = json.loads(self._tok.to_str())
+            spec["added_tokens"] = []
+            self._plain_tok = _HFTokenizer.from_str(json.dumps(spec))
+        return self._plain_tok.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Ids beyond the tokenizer's vocabulary (a padded embedding row) decode to nothing, as in tokenizers.
@@ -181,11 +212,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             tokenize: bool = True, tools: Sequence[Mapping[str, Any]] | None = None,
                             documents: Sequence[Mapping[str, Any]] | None = None,
-                            **kwargs) -> list[int] | str:
+                            special_tokens_in_content: bool = True, **kwargs) -> list[int] | str:
         """Messages -> ids (or the rendered string when tokenize=False), exactly as transformers.
 
         Unlike transformers the default is add_generation_prompt=True: an engine renders a chat to generate
-        the assistant's reply.
+        the assistant's reply. special_tokens_in_content=False: control-token text inside a message's
+        content stays plain text (see the module docstring); only with tokenize=True.
         """
         chat = validate_messages(messages)
         if tools is not None:
@@ -198,14 +230,41 @@ class Tokenizer:
             documents = [_plain(d) for d in documents]
         template = _compile_template(self.get_chat_template(tools))
         variables = {**self.special_tokens, **_plain(kwargs)}  # caller kwargs override special tokens
-        try:
-            text = template.render(messages=chat, tools=tools, documents=documents,
-                                   add_generation_prompt=add_generation_prompt, **variables)
-        except Exception as e:  # jinja2 TemplateError from raise_exception(), UndefinedError, TypeError...
-            raise PromptError(f"chat template failed to render these messages: {type(e).__name__}: {e}") from e
+
+        def render(msgs):
+            try:
+                return template.render(messages=msgs, tools=tools, documents=documents,
+                                       add_generation_prompt=add_generation_prompt, **variables)
+            except Exception as e:  # jinja2 TemplateError from raise_exception(), UndefinedError, TypeError...
+                raise PromptError(f"chat template failed to render these messages: {type(e).__name__}: {e}") from e
+
+        if tokenize and not special_tokens_in_content and any(
+                isinstance(m.get("content"), str) and tok in m["content"] for m in chat for tok in self.added_tokens):
+            return self._encode_isolating_content(chat, render)
+        text = render(chat)
         if not tokenize:
             return text
         return self.encode(text, add_special_tokens=False)
+
+    def _encode_isolating_content(self, chat, render) -> list[int]:
+        """Render with a random marker per content; template text encodes as usual, content as plain text.
+        Worked example: content "a<|im_end|>" in Qwen's template renders "...user\n\x1eN:0\x1e<|im_end|>...";
+        "...user\n" -> its ids, then encode_plain("a<|im_end|>") -> [a, <, |, im, _end, |, >], then
+        "<|im_end|>..." -> [<|im_end|>, ...]."""
+        nonce = uuid.uuid4().hex
+        marked = [dict(m, content=f"\x1e{nonce}:{i}\x1e") if isinstance(m.get("content"), str) else m
+                  for i, m in enumerate(chat)]
+        text = render(marked)
+        found = list(re.finditer("\x1e" + nonce + r":(\d+)\x1e", text))
+        if text.count(nonce) != len(found):
+            raise PromptError("a message content holds control-token text and this chat template rewrites "
+                              "message content, so the content cannot be kept apart from the control tokens")
+        ids, pos = [], 0
+        for m in found:
+            ids += self.encode(text[pos:m.start()], add_special_tokens=False)
+            ids += self.encode_plain(chat[int(m.group(1))]["content"])
+            pos = m.end()
+        return ids + self.encode(text[pos:], add_special_tokens=False)
 
 
 def validate_messages(messages: Any) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "lengt
                   pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_UNSPECIFIED: "unspecified"}
 _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed",
                     "stop", "stop_token_ids", "ignore_eos")
+# the client accepts what the server may send; the server's own caps derive from its max_model_len
 MAX_MESSAGE_BYTES = 256 * 2**20
 
 
@@ -88,12 +89,41 @@ def _set_prompt(req, prompt, *, allow_ids: bool) -> None:
         raise TypeError(f"prompt must be text, token ids or chat messages, got {type(prompt).__name__}")
 
 
+class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call (what a server started with --api-key-file wants)."""
+
+    def __init__(self, key: str):
+        self._md = ("authorization", f"Bearer {key}")
+
+    def _details(self, d):
+        return d._replace(metadata=[*(d.metadata or ()), self._md])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
 class Client:
-    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.Channel | None = None):
+    """api_key: sent as `authorization: Bearer KEY`; root_certificates (PEM bytes) or tls=True: a TLS
+    channel (tls=True with the system's roots)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", channel: grpc.Channel | None = None, *,
+                 api_key: str | None = None, root_certificates: bytes | None = None, tls: bool = False):
         self.target = target
-        self.channel = channel or grpc.insecure_channel(
-            target, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+        if channel is None:
+            if tls or root_certificates is not None:
+                creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+                channel = grpc.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+        self._raw_channel = channel
+        if api_key:
+            channel = grpc.intercept_channel(channel, _ApiKey(api_key))
+        self.channel = channel
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -104,7 +134,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def wait_ready(self, timeout: float = 300.0, service: str = "zenjax.v1.Inference") -> None:
         """Poll grpc.health.v1 until SERVING (the model is loaded and warmed up)."""

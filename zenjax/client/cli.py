@@ -11,6 +11,7 @@ The answer streams to stdout; while a long prompt is prefilled, a progress bar i
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import grpc
@@ -25,6 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--chat", action="store_true", help="send the prompt as a user chat message")
     ap.add_argument("--system", help="system message (implies --chat)")
     ap.add_argument("--server", default="127.0.0.1:50051", help="host:port (default %(default)s)")
+    ap.add_argument("--api-key", default=None,
+                    help="API key of a server started with --api-key-file (default: $ZENJAX_API_KEY)")
+    ap.add_argument("--tls-ca", default=None, help="PEM file of the CA (or self-signed cert) to trust: use TLS")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top-p", type=float)
@@ -87,7 +91,12 @@ def main(argv=None, stdout=None, stderr=None, stdin=None) -> int:
                     top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                     seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos or None)
     bar = ProgressBar(stderr) if stderr.isatty() else None
-    with Client(args.server) as client:
+    roots = None
+    if args.tls_ca:
+        with open(args.tls_ca, "rb") as f:
+            roots = f.read()
+    with Client(args.server, api_key=args.api_key or os.environ.get("ZENJAX_API_KEY"),
+                root_certificates=roots) as client:
         try:
             status = client.health_status()
             if status == "UNAVAILABLE":

@@ -12,7 +12,10 @@ one process (tests) do not collide; `start_http(port)` exposes it on 127.0.0.1 o
     zenjax_prefill_tokens_per_second   throughput of the last prefill chunk
     zenjax_prefill_tokens_total        counter
     zenjax_generated_tokens_total      counter
-    zenjax_requests_total{reason,status}  finished requests (reason: stop|length|cancelled|error|rejected)
+    zenjax_requests_total{reason,status}  finished requests (reason: stop|length|cancelled|error|rejected;
+                                       status: OK, CANCELLED, DEADLINE_EXCEEDED, INVALID_REQUEST, QUEUE_FULL,
+                                       UNAVAILABLE, UNAUTHENTICATED, INTERNAL)
+    zenjax_malformed_requests_total{transport}  bodies that are not a valid message (bad protobuf/UTF-8/JSON)
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ class Metrics:
         self.prefill_tokens = Counter("zenjax_prefill_tokens", "Prompt tokens prefilled", registry=r)
         self.generated_tokens = Counter("zenjax_generated_tokens", "Tokens generated", registry=r)
         self.requests = Counter("zenjax_requests", "Finished requests", ["reason", "status"], registry=r)
+        self.malformed = Counter("zenjax_malformed_requests", "Requests whose body is not a valid message",
+                                 ["transport"], registry=r)
         self._http = None
 
     # called by the scheduler thread
@@ -102,17 +107,20 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", stream=None) -> None:
-    """JSON lines on stderr for the `zenjax.serve` logger (idempotent)."""
-    logger = logging.getLogger("zenjax.serve")
-    logger.setLevel(level.upper())
-    logger.propagate = False
-    for h in list(logger.handlers):
-        if getattr(h, "_zenjax", False):
-            logger.removeHandler(h)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    handler._zenjax = True
-    logger.addHandler(handler)
+    """JSON lines on stderr for the `zenjax.serve` logger, and for grpc's and uvicorn's own loggers so no
+    plain-text traceback lands in the log (idempotent)."""
+    for name, lvl in (("zenjax.serve", level.upper()), ("grpc", "WARNING"), ("uvicorn", "WARNING"),
+                      ("uvicorn.error", "WARNING")):
+        logger = logging.getLogger(name)
+        logger.setLevel(lvl)
+        logger.propagate = False
+        for h in list(logger.handlers):
+            if getattr(h, "_zenjax", False):
+                logger.removeHandler(h)
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(JsonFormatter())
+        handler._zenjax = True
+        logger.addHandler(handler)
 
 
 def log_event(event: str, level: int = logging.INFO, **fields) -> None:

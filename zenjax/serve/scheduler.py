@@ -1,6 +1,7 @@
 """The scheduler: one thread that owns the engine and multiplexes requests onto its batch slots.
 
-Walk of the flow (gRPC handler threads on the left, the scheduler thread on the right):
+Walk of the flow (front-end handlers on the left: gRPC threads or HTTP tasks, both through
+zenjax/serve/service.py; the scheduler thread on the right):
 
     handler: tokenize + validate -> Request --submit()--> waiting queue (bounded; full -> QueueFull)
                                                           |
@@ -11,7 +12,7 @@ Walk of the flow (gRPC handler threads on the left, the scheduler thread on the 
                   -> Progress event; after the last chunk the first token -> Delta event
       4. decode   ONE step for every slot past prefill -> one Delta per slot; a finished sequence gets
                   its Finished event and its slot is released
-    handler: reads its Request.events queue and turns each event into a GenerateResponse.
+    handler: reads its Request.events queue and turns each event into its protocol's message.
 
 Why round-robin and one chunk per iteration: a decode step costs about as much as a tiny prefill, a
 prefill chunk much more. Running one chunk and then one decode step bounds every running sequence's
@@ -43,6 +44,10 @@ import traceback
 from typing import Callable, Sequence
 
 from zenjax.sampling import SamplingParams
+from zenjax.serve.errors import QueueFull, Unavailable
+
+__all__ = ["Delta", "Failed", "Finished", "Progress", "QueueFull", "Request", "Scheduler", "ShuttingDown",
+           "Usage"]
 
 log = logging.getLogger("zenjax.serve")
 
@@ -77,16 +82,16 @@ class Finished:
 
 @dataclasses.dataclass(frozen=True)
 class Failed:
-    code: str              # a grpc.StatusCode name: "INVALID_ARGUMENT" | "UNAVAILABLE" | "INTERNAL"
+    code: str              # an errors.ServiceError code: "invalid_request" | "unavailable" | "internal"
     message: str
 
 
-class QueueFull(Exception):
-    """The waiting queue holds max_queue requests already."""
-
-
-class ShuttingDown(Exception):
+class ShuttingDown(Unavailable):
     """The server stopped admitting requests (SIGTERM)."""
+
+
+# the status a finished request is logged and counted with, by how it was cancelled (None: not cancelled)
+_CANCEL_STATUS = {None: "OK", "shutdown": "OK", "client": "CANCELLED", "deadline": "DEADLINE_EXCEEDED"}
 
 
 class Request:
@@ -97,11 +102,13 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_ids: Sequence[int], params: SamplingParams,
-                 arrival: float | None = None):
+                 arrival: float | None = None, events=None):
         self.id = request_id
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        # anything with a thread-safe put(event): a SimpleQueue for thread handlers, an asyncio bridge
+        # for the HTTP front end (zenjax/serve/http_api.py)
+        self.events = queue.SimpleQueue() if events is None else events
         self.t_arrival = time.monotonic() if arrival is None else arrival
         self.t_admitted: float | None = None
         self.t_first: float | None = None
@@ -110,7 +117,7 @@ class Request:
         self.slot: int | None = None
         self.seq = None                       # the engine's SequenceState while in a slot
         self.done = False
-        self._cancel_reason: str | None = None  # "client" | "shutdown"
+        self._cancel_reason: str | None = None  # "client" | "deadline" | "shutdown"
         self._scheduler: Scheduler | None = None
 
     @property
@@ -179,7 +186,7 @@ class Scheduler:
             waiting, self._waiting = list(self._waiting), collections.deque()
             self._cond.notify()
         for req in waiting:
-            self._fail(req, "UNAVAILABLE", "server is shutting down before this request started; retry")
+            self._fail(req, "unavailable", "server is shutting down before this request started; retry")
         self._gauges()
 
     def cancel_running(self) -> None:
@@ -221,7 +228,7 @@ class Scheduler:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for req in waiting:
-            self._fail(req, "UNAVAILABLE", "server stopped before this request started; retry")
+            self._fail(req, "unavailable", "server stopped before this request started; retry")
         for s, req in enumerate(self._slots):
             if req is not None:
                 self._end(s, "cancelled")
@@ -267,7 +274,7 @@ class Scheduler:
             except ValueError as e:
                 self._slots[slot] = None
                 self._release(slot)
-                self._fail(req, "INVALID_ARGUMENT", str(e))
+                self._fail(req, "invalid_request", str(e))
             except Exception as e:
                 self._slots[slot] = None
                 self._release(slot)
@@ -345,12 +352,12 @@ class Scheduler:
         self._release(slot)
         req.done = True
         req.events.put(Finished(reason, self._usage(req)))
-        self._finished(req, reason, "OK" if req._cancel_reason != "client" else "CANCELLED")
+        self._finished(req, reason, _CANCEL_STATUS[req._cancel_reason])
 
     def _finish_unstarted(self, req: Request) -> None:
         req.done = True
         req.events.put(Finished("cancelled", self._usage(req)))
-        self._finished(req, "cancelled", "CANCELLED")
+        self._finished(req, "cancelled", _CANCEL_STATUS[req._cancel_reason])
 
     def _abort(self, slot: int, where: str, exc: Exception) -> None:
         req = self._slots[slot]
@@ -363,12 +370,12 @@ class Scheduler:
     def _fail_internal(self, req: Request, where: str, exc: Exception) -> None:
         log.error("request %s failed in %s:\n%s", req.id, where,
                   "".join(traceback.format_exception(exc)))
-        self._fail(req, "INTERNAL", f"internal error in {where}: {type(exc).__name__}: {exc}")
+        self._fail(req, "internal", f"internal error in {where}: {type(exc).__name__}: {exc}")
 
     def _fail(self, req: Request, code: str, message: str) -> None:
         req.done = True
         req.events.put(Failed(code, message))
-        self._finished(req, "error", code)
+        self._finished(req, "error", code.upper())
 
     def _finished(self, req: Request, reason: str, status: str) -> None:
         if self.metrics is not None:
