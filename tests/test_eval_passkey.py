@@ -210,3 +210,22 @@ def test_train_export_roundtrip(tmp_path):
                          dtype="float32", dca=dca, verbose=False)
     np.testing.assert_allclose(engine.logits(ids), want, rtol=1e-4, atol=1e-4)
     assert not np.allclose(engine.logits(ids), got, atol=1e-2)       # and DCA does change the logits
+
+
+def test_plot_without_matplotlib_fails_clearly(tmp_path, monkeypatch, capsys):
+    """`eval plot` only writes a PNG: with matplotlib missing it exits 2 naming the extra, writes nothing."""
+    import builtins
+    import json
+    from zenjax.eval.__main__ import main
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps({"lengths": [300], "depths": [0.5], "accuracy": [[1.0]], "dca": True}))
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *a, **k):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    assert main(["plot", str(res), "--out", str(tmp_path / "x.png")]) == 2
+    assert "zenjax[plot]" in capsys.readouterr().err and not (tmp_path / "x.png").exists()

@@ -83,8 +83,10 @@ def run_plot(args) -> None:
     from zenjax.eval import passkey as pk
     result = json.loads(Path(args.result).read_text())
     out = Path(args.out) if args.out else Path(args.result).with_suffix(".png")
-    if pk.save_heatmap(result, out, args.title):
-        print(f"wrote {out}", file=sys.stderr)
+    if not pk.save_heatmap(result, out, args.title):
+        # `plot` has no other output: without matplotlib it must fail, not exit 0 having written nothing
+        raise ValueError("plot needs matplotlib: pip install 'zenjax[plot]'")
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def main(argv=None) -> int:
