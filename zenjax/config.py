@@ -1,4 +1,4 @@
-"""The three frozen configs of zenjax, one per concern, and the one function that builds each.
+"""The frozen configs of zenjax, one per concern, and the one function that builds each.
 
 * `ModelConfig`  - the architecture, built from a Hugging Face `config.json` by `model_config_from_hf`.
 * `DCAConfig`    - Dual Chunk Attention (spec: shared/spec/long-context.md section 2), part of the model
