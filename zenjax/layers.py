@@ -1,9 +1,9 @@
 """The decoder layer's math outside attention itself, as pure functions of (weights, activations).
 
 Every weight multiply of the model goes through `linear` (or `grouped_linear` for a stack of experts):
-one seam where a weight format is decided. Today a weight is a float array; an fp8 weight (e4m3 values
-plus one float32 scale per output channel) is to be handled here, so the layer functions below and the
-MoE block (zenjax/moe.py) do not change with the weight format.
+one seam where a weight format is decided. A weight is a float array or an fp8.Fp8Weight (e4m3 values
+plus one float32 scale per output channel, zenjax/fp8.py), so the layer functions below and the MoE
+block (zenjax/moe.py) do not change with the weight format.
 
 Per decoder layer (zenjax/model.py runs the rotary, cache write and attention call between the two
 projections):
@@ -17,19 +17,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zenjax.fp8 import Fp8Weight
+
 
 def linear(eq: str, x, w, *, out_dtype=None):
     """x times weight w as the einsum `eq` (x's subscripts first), e.g. "btd,dnh->btnh" for wq.
-    out_dtype: accumulate into and return this dtype (the router asks for float32)."""
+    out_dtype: accumulate into and return this dtype (the router asks for float32).
+
+    fp8: (x @ values) * scale; every eq here ends with the weight's output subscripts, so the scale
+    [out...] broadcasts over the result's trailing dims."""
+    if isinstance(w, Fp8Weight):
+        y = jnp.einsum(eq, x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
+        return (y * w.scale).astype(y.dtype)
     return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
 
 
-def grouped_linear(x, w, group_sizes):
+def grouped_linear(x, w, group_sizes, row_experts=None):
     """Rows of x [M, I] grouped by expert times that expert's weight w [E, I, O] -> [M, O].
 
     Rows 0..group_sizes[0]-1 use w[0], the next group_sizes[1] rows w[1], and so on (the rows must be
     sorted by expert; sum(group_sizes) == M). Shapes are static; only the group boundaries are data.
-    Example: group_sizes [2, 0, 1] -> rows 0, 1 use w[0], row 2 uses w[2]."""
+    Example: group_sizes [2, 0, 1] -> rows 0, 1 use w[0], row 2 uses w[2].
+    row_experts [M]: each row's expert, needed for an fp8 w (its scale [E, O] is per expert)."""
+    if isinstance(w, Fp8Weight):
+        y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), group_sizes)
+        return (y * jnp.take(w.scale, row_experts, axis=0)).astype(y.dtype)
     return jax.lax.ragged_dot(x, w, group_sizes)
 
 

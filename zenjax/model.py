@@ -32,9 +32,10 @@ from flax import nnx
 
 from zenjax import attention as attn_lib
 from zenjax.config import ModelConfig
+from zenjax.fp8 import Fp8Weight
 from zenjax.layers import dense_mlp, linear, output_projection, qkv_projection
 from zenjax.moe import moe_mlp
-from zenjax.params import layer_param_specs, param_specs
+from zenjax.params import layer_param_specs, param_specs, scale_name
 from zenjax.rope import apply_rope
 
 
@@ -119,12 +120,19 @@ class Block(nnx.Module):
     router / experts_w_* / shared_* where a dense layer has w_gate / w_up / w_down)."""
 
     def __init__(self, cfg: ModelConfig, l: int, arrays: dict):
-        for name, spec in layer_param_specs(cfg, l).items():
+        for name, spec in layer_param_specs(cfg, l, quantization_of(arrays)).items():
             setattr(self, name, nnx.Param(arrays[name], logical_axes=spec.axes))
 
     def weights(self, cfg: ModelConfig, l: int) -> dict:
-        """{name: array} for the pure layer functions (zenjax/layers.py, zenjax/moe.py)."""
-        return {name: getattr(self, name)[...] for name in layer_param_specs(cfg, l)}
+        """{name: array or Fp8Weight} for the pure layer functions (zenjax/layers.py, zenjax/moe.py)."""
+        names = layer_param_specs(cfg, l)
+        return {name: (Fp8Weight(getattr(self, name)[...], getattr(self, scale_name(name))[...])
+                       if hasattr(self, scale_name(name)) else getattr(self, name)[...]) for name in names}
+
+
+def quantization_of(arrays: dict) -> str | None:
+    """A layer's weight format, read off its arrays: fp8 when they carry scales (zenjax/params.py)."""
+    return "fp8" if any(k.endswith("_scale") for k in arrays) else None
 
 
 class Qwen2(nnx.Module):

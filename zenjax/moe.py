@@ -40,18 +40,24 @@ def route(h, router, k: int, norm_topk_prob: bool):
     return weights.astype(h.dtype), experts.astype(jnp.int32)
 
 
+def _num_experts(w) -> int:
+    """E of a stacked expert weight (float or fp8)."""
+    return (w.values if hasattr(w, "values") else w).shape[0]
+
+
 def routed_experts(h, weights, experts, w_gate, w_up, w_down):
     """sum_j weights[m, j] * SwiGLU_{experts[m, j]}(h[m]) for h [M, D]; expert weights [E, D, F],
     [E, D, F], [E, F, D]. Steps 2-4 of the module docstring."""
     M, D = h.shape
-    k, E = experts.shape[1], w_gate.shape[0]
+    k, E = experts.shape[1], _num_experts(w_gate)
     flat = experts.reshape(-1)                                        # [M*k] assignment -> expert
     order = jnp.argsort(flat, stable=True)                            # assignments sorted by expert
     xs = jnp.take(h, order // k, axis=0)                              # [M*k, D] each row's token
     sizes = jnp.bincount(flat, length=E).astype(jnp.int32)            # [E] rows per expert
-    gate = grouped_linear(xs, w_gate, sizes)
-    up = grouped_linear(xs, w_up, sizes)
-    ys = grouped_linear(jax.nn.silu(gate) * up, w_down, sizes)        # [M*k, D]
+    row_e = jnp.take(flat, order)                                     # [M*k] each sorted row's expert
+    gate = grouped_linear(xs, w_gate, sizes, row_e)
+    up = grouped_linear(xs, w_up, sizes, row_e)
+    ys = grouped_linear(jax.nn.silu(gate) * up, w_down, sizes, row_e)  # [M*k, D]
     ys = ys * jnp.take(weights.reshape(-1), order)[:, None]
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(M * k, dtype=order.dtype))
     return jnp.take(ys, unsort, axis=0).reshape(M, k, D).sum(axis=1)  # back in token order

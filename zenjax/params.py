@@ -37,6 +37,11 @@ Paths are tuples of strings; layer l lives under ("layers", str(l), ...). HF -> 
     lm_head.weight                   [V, D]      -> ("lm_head",)               [V, D]  (absent when tied)
 
 Example: expert 3's gate_proj of layer 0, [F, D] in HF, becomes experts_w_gate[3] = gate_proj.T [D, F].
+
+fp8 weights (`quantization="fp8"`, zenjax/fp8.py): every name in FP8_WEIGHTS is stored as float8_e4m3fn
+values of the same shape plus a float32 "<name>_scale" with one entry per output channel (and expert):
+wq [D, N, H] -> wq e4m3 [D, N, H] and wq_scale [N, H]; experts_w_down [E, F, D] -> scale [E, D]. Scales
+have no HF tensor (hf_names is empty): the converter or the loader derives them from the weight.
 """
 from __future__ import annotations
 
@@ -48,6 +53,12 @@ from zenjax.config import ModelConfig
 
 COPY, LINEAR = "copy", "linear"
 TRANSFORMS = (COPY, LINEAR)
+QUANTIZATIONS = ("fp8",)
+FP8_DTYPE = "float8_e4m3fn"
+# The linear layers stored in fp8. Not quantized: embeddings, norms, biases, the lm_head (the logits'
+# precision sets greedy ties), and the MoE router and shared-expert gate (tiny; routing is discontinuous).
+FP8_WEIGHTS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "experts_w_gate", "experts_w_up",
+                         "experts_w_down", "shared_w_gate", "shared_w_up", "shared_w_down"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +69,37 @@ class ParamSpec:
     hf_shape: tuple[int, ...]      # the shape of each of those tensors
     transform: str                 # COPY | LINEAR, applied to each tensor
     stacked: bool = False          # hf_names[e] becomes row e of our axis 0
+    dtype: str | None = None       # stored dtype when fixed (fp8 values, float32 scales); None: the checkpoint's
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform {self.transform!r}: expected one of {TRANSFORMS}")
         if len(self.axes) != len(self.shape):
-            raise ValueError(f"{self.hf_names[0]}: axes {self.axes} do not match shape {self.shape}")
+            raise ValueError(f"{self.hf_names[:1]}: axes {self.axes} do not match shape {self.shape}")
         n = self.shape[0] if self.stacked else 1
+        if self.derived:
+            return
         if len(self.hf_names) != n:
             raise ValueError(f"{self.hf_names[0]}: {len(self.hf_names)} HF tensors for {n} rows")
         if math.prod(self.hf_shape) != math.prod(self.element_shape):
             raise ValueError(f"{self.hf_names[0]}: HF shape {self.hf_shape} cannot become {self.element_shape}")
+
+    @property
+    def derived(self) -> bool:
+        """No HF tensor: made from another parameter (an fp8 scale)."""
+        return not self.hf_names
+
+    @property
+    def in_dims(self) -> int:
+        """LINEAR: how many leading dims of element_shape are the input (their product is the HF [out, in]
+        tensor's in). wq [D, N, H] -> 1; wo [N, H, D] -> 2."""
+        if self.transform != LINEAR:
+            raise ValueError(f"{self.hf_names}: not a linear layer")
+        n, prod = 0, 1
+        while prod != self.hf_shape[1]:
+            prod *= self.element_shape[n]
+            n += 1
+        return n
 
     @property
     def element_shape(self) -> tuple[int, ...]:
@@ -97,7 +128,35 @@ def _stacked_linear(E, ins, outs, axes, names) -> ParamSpec:
                      (math.prod(outs), math.prod(ins)), LINEAR, stacked=True)
 
 
-def layer_param_specs(cfg: ModelConfig, l: int) -> dict[str, ParamSpec]:
+def scale_name(name: str) -> str:
+    return name + "_scale"
+
+
+def fp8_specs(name: str, spec: ParamSpec) -> dict[str, ParamSpec]:
+    """The weight `name` as e4m3 values plus its per-output-channel float32 scale."""
+    lead = 1 if spec.stacked else 0
+    cut = lead + spec.in_dims
+    scale = ParamSpec(spec.shape[:lead] + spec.shape[cut:], spec.axes[:lead] + spec.axes[cut:], (), (),
+                      COPY, dtype="float32")
+    return {name: dataclasses.replace(spec, dtype=FP8_DTYPE), scale_name(name): scale}
+
+
+def _quantized(specs: dict[str, ParamSpec], quantization: str | None) -> dict[str, ParamSpec]:
+    if quantization is None:
+        return specs
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS} or None")
+    out: dict[str, ParamSpec] = {}
+    for name, spec in specs.items():
+        out.update(fp8_specs(name, spec) if name in FP8_WEIGHTS else {name: spec})
+    return out
+
+
+def layer_param_specs(cfg: ModelConfig, l: int, quantization: str | None = None) -> dict[str, ParamSpec]:
+    return _quantized(_layer_param_specs(cfg, l), quantization)
+
+
+def _layer_param_specs(cfg: ModelConfig, l: int) -> dict[str, ParamSpec]:
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     p = f"model.layers.{l}."
     specs = {
@@ -137,12 +196,12 @@ def layer_param_specs(cfg: ModelConfig, l: int) -> dict[str, ParamSpec]:
     return specs
 
 
-def param_specs(cfg: ModelConfig) -> dict[tuple[str, ...], ParamSpec]:
+def param_specs(cfg: ModelConfig, quantization: str | None = None) -> dict[tuple[str, ...], ParamSpec]:
     """Every parameter, in the order a converter should stream them (embedding, layers, head)."""
     V, D = cfg.vocab_size, cfg.hidden_size
     specs = {("embed",): _copy((V, D), ("vocab", "embed"), "model.embed_tokens.weight")}
     for l in range(cfg.num_layers):
-        for name, s in layer_param_specs(cfg, l).items():
+        for name, s in layer_param_specs(cfg, l, quantization).items():
             specs[("layers", str(l), name)] = s
     specs[("final_norm",)] = _copy((D,), ("norm",), "model.norm.weight")
     if not cfg.tie_word_embeddings:
