@@ -29,15 +29,17 @@ class Fp8Weight:
     scale: jax.Array         # float32, the weight's output dims ([E, out...] for stacked experts)
 
 
-def quantize(spec: ParamSpec, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Host numpy: weight in our layout (any float dtype) -> (e4m3 values, float32 scales)."""
+def quantize(spec: ParamSpec, w):
+    """Weight in our layout (any float dtype) -> (e4m3 values, float32 scales). numpy on the host (the
+    converter, the loader); a jax array stays on its device (benchmarks quantize random weights there)."""
+    xp = jax.numpy if isinstance(w, jax.Array) else np
     lead = 1 if spec.stacked else 0
     axes = tuple(range(lead, lead + spec.in_dims))
-    wf = np.asarray(w, np.float32)
-    scale = np.maximum(np.abs(wf).max(axis=axes), 1e-12) / FP8_MAX          # [E?, out...]
+    wf = xp.asarray(w, xp.float32)
+    scale = xp.maximum(xp.abs(wf).max(axis=axes), 1e-12) / FP8_MAX          # [E?, out...]
     bshape = scale.shape[:lead] + (1,) * spec.in_dims + scale.shape[lead:]
     q = (wf / scale.reshape(bshape)).astype(E4M3)
-    return q, scale.astype(np.float32)
+    return q, scale.astype(xp.float32)
 
 
 class QuantizeAtLoad:
