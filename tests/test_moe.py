@@ -317,3 +317,20 @@ def test_tensor_parallel_4_moe(hf_fixture, converted):
     ref = np.load(ref_path)
     bound = rounding_bound(cfg, read_hf_tensors(hf_fixture("moe")), ref["logits_70"], 70)
     assert float(r.stdout.split()[-1]) <= bound
+
+
+@pytest.mark.parametrize("name", ["moe", "gqa7"])
+def test_layout_round_trips_to_hf(name, hf_fixture):
+    """to_hf_tensors inverts from_hf for every parameter (stacked experts included): the export path
+    (benchmarks/passkey/train.py) writes back exactly the HF tensors."""
+    from zenjax.params import from_hf, param_specs, to_hf_tensors
+    hf = read_hf_tensors(hf_fixture(name))
+    cfg = model_config_from_hf(json.loads((hf_fixture(name) / "config.json").read_text()))
+    seen = set()
+    for spec in param_specs(cfg).values():
+        ours = np.stack([from_hf(spec, hf[n]) for n in spec.hf_names]) if spec.stacked else from_hf(spec, hf[spec.hf_name])
+        assert ours.shape == spec.shape
+        for n, t in to_hf_tensors(spec, ours).items():
+            np.testing.assert_array_equal(t, hf[n], err_msg=n)
+            seen.add(n)
+    assert seen == set(hf)

@@ -34,10 +34,19 @@ def quantize(spec: ParamSpec, w):
     converter, the loader); a jax array stays on its device (benchmarks quantize random weights there)."""
     xp = jax.numpy if isinstance(w, jax.Array) else np
     lead = 1 if spec.stacked else 0
-    axes = tuple(range(lead, lead + spec.in_dims))
+    if lead and xp is np:         # expert by expert: host temporaries of one expert, not of all E
+        q, s = np.empty(w.shape, E4M3), np.empty(w.shape[:1] + w.shape[1 + spec.in_dims:], np.float32)
+        for e in range(w.shape[0]):
+            q[e], s[e] = _quantize(w[e], 0, spec.in_dims, np)
+        return q, s
+    return _quantize(w, lead, spec.in_dims, xp)
+
+
+def _quantize(w, lead: int, in_dims: int, xp):
+    axes = tuple(range(lead, lead + in_dims))
     wf = xp.asarray(w, xp.float32)
     scale = xp.maximum(xp.abs(wf).max(axis=axes), 1e-12) / FP8_MAX          # [E?, out...]
-    bshape = scale.shape[:lead] + (1,) * spec.in_dims + scale.shape[lead:]
+    bshape = scale.shape[:lead] + (1,) * in_dims + scale.shape[lead:]
     q = (wf / scale.reshape(bshape)).astype(E4M3)
     return q, scale.astype(xp.float32)
 

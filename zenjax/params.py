@@ -209,11 +209,6 @@ def param_specs(cfg: ModelConfig, quantization: str | None = None) -> dict[tuple
     return specs
 
 
-def hf_shape(spec: ParamSpec) -> tuple[int, ...]:
-    """The shape each safetensors tensor of `spec` must have."""
-    return spec.hf_shape
-
-
 def from_hf(spec: ParamSpec, x):
     """One HF numpy tensor -> our layout of it (`spec.element_shape`; numpy in, numpy out; no copy beyond
     the transpose). A stacked parameter is the E results stacked (the converter fills the rows)."""
