@@ -64,7 +64,8 @@ def main(argv=None):
         cfg, attention = (SMOKE_MOE if a.model == "moe" else dataclasses.replace(SMOKE, dca=None)), "reference"
         a.lengths, a.contexts, a.chunk = "64", "32", 32
     else:
-        cfg, attention = (QWEN15_MOE_A27B if a.model == "moe" else dataclasses.replace(QWEN25_7B_1M, dca=None)), a.attention
+        cfg = QWEN15_MOE_A27B if a.model == "moe" else dataclasses.replace(QWEN25_7B_1M, dca=None)
+        attention = a.attention
     warm = ceilings(small=a.smoke)
     lengths = [int(x) for x in a.lengths.split(",")]
     contexts = [int(x) for x in a.contexts.split(",")]

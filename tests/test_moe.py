@@ -328,7 +328,8 @@ def test_layout_round_trips_to_hf(name, hf_fixture):
     cfg = model_config_from_hf(json.loads((hf_fixture(name) / "config.json").read_text()))
     seen = set()
     for spec in param_specs(cfg).values():
-        ours = np.stack([from_hf(spec, hf[n]) for n in spec.hf_names]) if spec.stacked else from_hf(spec, hf[spec.hf_name])
+        rows = [from_hf(spec, hf[n]) for n in spec.hf_names]
+        ours = np.stack(rows) if spec.stacked else rows[0]
         assert ours.shape == spec.shape
         for n, t in to_hf_tensors(spec, ours).items():
             np.testing.assert_array_equal(t, hf[n], err_msg=n)
