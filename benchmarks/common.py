@@ -41,8 +41,19 @@ def model_from_args(a) -> tuple[ModelConfig, str]:
 
 
 def layer_params(cfg: ModelConfig) -> int:
+    """Weights one token multiplies by in the decoder layers (Qwen2-MoE: router, its k experts and the
+    shared expert, not all E experts)."""
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    return cfg.num_layers * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)
+    total = 0
+    for l in range(cfg.num_layers):
+        total += D * (N + 2 * K) * H + N * H * D
+        if cfg.is_moe_layer(l):
+            m = cfg.moe
+            total += D * m.num_experts + 3 * D * (m.num_experts_per_tok * m.moe_intermediate_size
+                                                  + m.shared_expert_intermediate_size) + D
+        else:
+            total += 3 * D * F
+    return total
 
 
 def random_params(cfg: ModelConfig, dtype=jnp.bfloat16, scale: float = 0.02):

@@ -1,13 +1,16 @@
 """Measures the converter's peak resident memory on a synthetic multi-GB sharded Qwen2 checkpoint.
 
     .venv/bin/python scripts/measure_convert_memory.py [--layers 16] [--shard-gb 2] [--keep]
+        [--moe] [--quantization fp8]
 
 Builds a random bf16 Qwen2 checkpoint shaped like Qwen2.5-3B's proportions (hidden 2048, mlp 11008,
 16 q / 2 kv heads of 128, vocab 151936, untied: ~3.7 GB with 16 layers) split into shards of at most
 --shard-gb GB with model.safetensors.index.json, runs `python -m zenjax.convert` on it in a subprocess,
 and reports that subprocess's peak RSS (its own ru_maxrss from os.wait4, cross-checked with the VmHWM it
 reports itself; the builder runs in a separate process so neither counts its memory) against the budget
-of issue 2: largest input shard + 2 GB. Temp files are deleted
+of issue 2: largest input shard + 2 GB. --moe builds Qwen1.5-MoE-A2.7B's proportions instead (hidden 2048,
+16/16 heads, 60 experts of width 1408 + a shared expert of 5632 per layer: ~1.1 GB of expert tensors per
+layer, stacked by the converter into three [60, ...] parameters). Temp files are deleted
 unless --keep. Exit code 1 when the budget is exceeded.
 """
 from __future__ import annotations
@@ -28,7 +31,14 @@ import numpy as np
 GB = 1e9
 
 
-def qwen2_config(layers: int) -> dict:
+def qwen2_config(layers: int, moe: bool = False) -> dict:
+    if moe:
+        return {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "vocab_size": 151936,
+                "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": layers,
+                "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 60,
+                "num_experts_per_tok": 4, "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632,
+                "rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+                "max_position_embeddings": 8192, "torch_dtype": "bfloat16"}
     return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 151936,
             "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": layers,
             "num_attention_heads": 16, "num_key_value_heads": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-6,
@@ -46,16 +56,28 @@ def tensor_shapes(c: dict) -> list[tuple[str, tuple[int, ...]]]:
                 (p + "self_attn.q_proj.weight", (N * H, D)), (p + "self_attn.q_proj.bias", (N * H,)),
                 (p + "self_attn.k_proj.weight", (K * H, D)), (p + "self_attn.k_proj.bias", (K * H,)),
                 (p + "self_attn.v_proj.weight", (K * H, D)), (p + "self_attn.v_proj.bias", (K * H,)),
-                (p + "self_attn.o_proj.weight", (D, N * H)), (p + "mlp.gate_proj.weight", (F, D)),
-                (p + "mlp.up_proj.weight", (F, D)), (p + "mlp.down_proj.weight", (D, F))]
+                (p + "self_attn.o_proj.weight", (D, N * H))]
+        if "num_experts" not in c:
+            out += [(p + "mlp.gate_proj.weight", (F, D)), (p + "mlp.up_proj.weight", (F, D)),
+                    (p + "mlp.down_proj.weight", (D, F))]
+            continue
+        E, Fe, Fs = c["num_experts"], c["moe_intermediate_size"], c["shared_expert_intermediate_size"]
+        out.append((p + "mlp.gate.weight", (E, D)))
+        for e in range(E):
+            x = f"{p}mlp.experts.{e}."
+            out += [(x + "gate_proj.weight", (Fe, D)), (x + "up_proj.weight", (Fe, D)),
+                    (x + "down_proj.weight", (D, Fe))]
+        x = p + "mlp.shared_expert."
+        out += [(x + "gate_proj.weight", (Fs, D)), (x + "up_proj.weight", (Fs, D)),
+                (x + "down_proj.weight", (D, Fs)), (p + "mlp.shared_expert_gate.weight", (1, D))]
     return out + [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
 
 
-def build(src: Path, layers: int, shard_bytes: float, seed: int = 0) -> list[int]:
+def build(src: Path, layers: int, shard_bytes: float, seed: int = 0, moe: bool = False) -> list[int]:
     """Writes config.json, shards and the index; returns the shard sizes in bytes."""
     from safetensors.numpy import save_file
     src.mkdir(parents=True)
-    cfg = qwen2_config(layers)
+    cfg = qwen2_config(layers, moe)
     (src / "config.json").write_text(json.dumps(cfg, indent=2))
     rng = np.random.default_rng(seed)
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
@@ -97,10 +119,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--workdir", default=None, help="where to put the temp files (default: system temp)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic and converted checkpoints")
+    ap.add_argument("--moe", action="store_true", help="Qwen1.5-MoE-A2.7B proportions")
+    ap.add_argument("--quantization", default=None, choices=("fp8",), help="passed to the converter")
     ap.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.build_only:
-        build(Path(args.build_only), args.layers, args.shard_gb * GB)
+        build(Path(args.build_only), args.layers, args.shard_gb * GB, moe=args.moe)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="zenjax-convmem-", dir=args.workdir))
@@ -110,11 +134,12 @@ def main(argv=None) -> int:
         # high-water mark into its own ru_maxrss (vfork + exec), which would inflate the figure.
         print(f"building synthetic checkpoint in {work}", flush=True)
         subprocess.run([sys.executable, __file__, "--layers", str(args.layers), "--shard-gb",
-                        str(args.shard_gb), "--build-only", str(work / "hf")], check=True)
+                        str(args.shard_gb), "--build-only", str(work / "hf")] + ["--moe"] * args.moe, check=True)
         sizes = [f.stat().st_size for f in (work / "hf").glob("*.safetensors")]
         t0 = time.time()
         proc = subprocess.Popen([sys.executable, "-c", WRAPPER, str(work / "hwm"), "--hf", str(work / "hf"),
-                                 "--out", str(work / "zj"), "--dtype", args.dtype], cwd=repo)
+                                 "--out", str(work / "zj"), "--dtype", args.dtype]
+                                + (["--quantization", args.quantization] if args.quantization else []), cwd=repo)
         _, status, usage = os.wait4(proc.pid, 0)        # this child's own rusage
         proc.returncode, secs = os.waitstatus_to_exitcode(status), time.time() - t0
         if proc.returncode != 0:

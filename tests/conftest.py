@@ -1,7 +1,8 @@
 """Shared pytest fixtures: the committed HF reference checkpoints, their conversions, random HF checkpoints.
 
-    hf_fixture(name) -> Path            tests/fixtures/hf/<name> (gqa7, mha_tied, odd_head_dim, deep, dca),
-                                        each with reference.npz (see scripts/make_hf_fixtures.py)
+    hf_fixture(name) -> Path            tests/fixtures/hf/<name> (gqa7, mha_tied, odd_head_dim, deep, dca;
+                                        Qwen2-MoE: moe, moe_norm), each with reference.npz (see
+                                        scripts/make_hf_fixtures.py, scripts/make_moe_fixtures.py)
     converted(name_or_path, dtype="float32") -> Path
                                         that checkpoint converted to zenjax (session cache in tmp)
     make_hf(name, shards=1, dtype="float32", seed=0, **config_overrides) -> Path

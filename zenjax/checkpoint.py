@@ -1,6 +1,7 @@
 """The zenjax checkpoint format: how converted weights lie on disk, and how they are written and read.
 
     DST/zenjax_config.json   {"format": 1, "model": ModelConfig.to_dict(), "dtype": "bfloat16",
+                              "quantization": null | "fp8",
                               "generation": {...}, "sparse_attention_config": <json or null>, "source": {...}}
     DST/params/manifest.json {"items": [...], "params": {"layers/0/wq": {"shape": [..], "dtype": ".."}, ...}}
     DST/params/<item>/       one Orbax PyTree checkpoint per item (see `item_of`)
@@ -19,6 +20,9 @@ same paths, so the full tree is simply the union of the items:
 Write flow: `CheckpointWriter(dir, cfg, dtype)` -> `write_item(name, tree)` per item as it completes ->
 `finish(...)` writes the manifest and zenjax_config.json last. The converter writes into a temporary
 directory and renames it at the end, so a directory with zenjax_config.json is a complete checkpoint.
+
+With quantization "fp8" the linear layers are stored as float8_e4m3fn plus float32 "<name>_scale"
+params (zenjax/params.py, zenjax/fp8.py); "dtype" is then the dtype of everything else.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from zenjax.config import ConfigError, ModelConfig
-from zenjax.params import ParamSpec, iter_paths, nested_set, param_specs
+from zenjax.params import QUANTIZATIONS, ParamSpec, iter_paths, nested_set, param_specs
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "zenjax_config.json"
@@ -50,13 +54,21 @@ class CheckpointError(ValueError):
 
 
 def np_dtype(name: str) -> np.dtype:
-    """'bfloat16' | 'float16' | 'float32' -> numpy dtype (bfloat16 through ml_dtypes)."""
+    """'bfloat16' | 'float16' | 'float32' (| 'float8_e4m3fn' for fp8 weights) -> numpy dtype (bfloat16 and
+    e4m3 through ml_dtypes)."""
+    import ml_dtypes
+    if name == "float8_e4m3fn":
+        return np.dtype(ml_dtypes.float8_e4m3fn)
     if name not in DTYPES:
         raise ValueError(f"dtype={name!r}: expected one of {', '.join(DTYPES)}")
     if name == "bfloat16":
-        import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
+
+
+def stored_dtype(spec: ParamSpec, dtype: str) -> str:
+    """The dtype a param is stored in: fixed by the layout (fp8 values, float32 scales) or the checkpoint's."""
+    return spec.dtype or dtype
 
 
 def item_of(path: Path_) -> str:
@@ -64,10 +76,10 @@ def item_of(path: Path_) -> str:
     return "/".join(path[:2]) if path[0] == "layers" else path[0]
 
 
-def items(cfg: ModelConfig) -> dict[str, list[tuple[Path_, ParamSpec]]]:
+def items(cfg: ModelConfig, quantization: str | None = None) -> dict[str, list[tuple[Path_, ParamSpec]]]:
     """Items in streaming order (embed, layers/0..L-1, final_norm, lm_head), each with its params."""
     out: dict[str, list[tuple[Path_, ParamSpec]]] = {}
-    for path, spec in param_specs(cfg).items():
+    for path, spec in param_specs(cfg, quantization).items():
         out.setdefault(item_of(path), []).append((path, spec))
     return out
 
@@ -88,11 +100,11 @@ def _checkpointer():
 class CheckpointWriter:
     """Writes a checkpoint item by item. The directory must not exist (it is created)."""
 
-    def __init__(self, directory: str | Path, cfg: ModelConfig, dtype: str):
+    def __init__(self, directory: str | Path, cfg: ModelConfig, dtype: str, quantization: str | None = None):
         self.dir = Path(directory)
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.quantization = cfg, dtype, quantization
         self._dt = np_dtype(dtype)
-        self._items = items(cfg)
+        self._items = items(cfg, quantization)
         self._written: dict[str, dict] = {}
         (self.dir / PARAMS_DIR).mkdir(parents=True)
         self._ckpt = _checkpointer()
@@ -109,14 +121,16 @@ class CheckpointWriter:
             raise ValueError(f"item {name!r}: params {sorted(got)} != expected {sorted(want)}")
         for p, s in want.items():
             a = got[p]
-            if tuple(a.shape) != s.shape or a.dtype != self._dt:
-                raise ValueError(f"param {'/'.join(p)}: {a.dtype}{list(a.shape)} != {self.dtype}{list(s.shape)}")
+            dt = stored_dtype(s, self.dtype)
+            if tuple(a.shape) != s.shape or a.dtype != np_dtype(dt):
+                raise ValueError(f"param {'/'.join(p)}: {a.dtype}{list(a.shape)} != {dt}{list(s.shape)}")
         import jax
         import orbax.checkpoint as ocp
         save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), tree)
         self._ckpt.save((self.dir / PARAMS_DIR / name).absolute(),
                         args=ocp.args.PyTreeSave(tree, save_args=save_args))
-        self._written[name] = {"/".join(p): {"shape": list(a.shape), "dtype": self.dtype} for p, a in got.items()}
+        self._written[name] = {"/".join(p): {"shape": list(a.shape), "dtype": stored_dtype(want[p], self.dtype)}
+                               for p, a in got.items()}
 
     def finish(self, *, generation: Mapping | None = None, sparse_attention_config: Any = None,
                source: Mapping | None = None) -> None:
@@ -129,6 +143,7 @@ class CheckpointWriter:
         _write_json(self.dir / PARAMS_DIR / MANIFEST_FILE, manifest)
         _write_json(self.dir / CONFIG_FILE, {
             "format": FORMAT_VERSION, "model": self.cfg.to_dict(), "dtype": self.dtype,
+            "quantization": self.quantization,
             "generation": dict(generation or {}), "sparse_attention_config": sparse_attention_config,
             "source": dict(source or {})})
 
@@ -177,6 +192,8 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{f}: bad 'model' section ({e})") from e
     if meta.get("dtype") not in DTYPES:
         raise CheckpointError(f"{f}: dtype={meta.get('dtype')!r} is not one of {DTYPES}")
+    if meta.get("quantization") not in (None, *QUANTIZATIONS):
+        raise CheckpointError(f"{f}: quantization={meta.get('quantization')!r} is not one of {QUANTIZATIONS}")
     return cfg, meta
 
 
@@ -191,7 +208,8 @@ def load_checkpoint(path: str | Path, *, dtype: str | None = None,
 
     put(path_tuple, spec, np.ndarray) places each array (the engine passes device_put with a sharding;
     default jnp.asarray). Each item's host arrays are dropped before the next item is read, so host
-    memory stays at about one layer. `dtype` casts on the host before `put` (default: as stored).
+    memory stays at about one layer. `dtype` casts on the host before `put` (default: as stored); fp8
+    values and their scales keep their stored dtypes.
     """
     import orbax.checkpoint as ocp
     cfg, meta = read_config(path)
@@ -200,7 +218,7 @@ def load_checkpoint(path: str | Path, *, dtype: str | None = None,
     pdir = Path(path) / PARAMS_DIR
     ckpt = _checkpointer()
     params: dict = {}
-    for name, entries in items(cfg).items():
+    for name, entries in items(cfg, meta.get("quantization")).items():
         idir = pdir / name
         if not idir.is_dir():
             raise CheckpointError(f"{idir}: missing checkpoint item (incomplete checkpoint?)")
@@ -217,7 +235,7 @@ def load_checkpoint(path: str | Path, *, dtype: str | None = None,
             if a is None or tuple(a.shape) != spec.shape:
                 got = None if a is None else list(a.shape)
                 raise CheckpointError(f"{idir}: param {'/'.join(p)} has shape {got}, expected {list(spec.shape)}")
-            if dt is not None and a.dtype != dt:
+            if dt is not None and spec.dtype is None and a.dtype != dt:
                 a = a.astype(dt)
             nested_set(params, p, put(p, spec, a))
         del tree, flat

@@ -1,8 +1,10 @@
-"""The three frozen configs of zenjax, one per concern, and the one function that builds each.
+"""The frozen configs of zenjax, one per concern, and the one function that builds each.
 
 * `ModelConfig`  - the architecture, built from a Hugging Face `config.json` by `model_config_from_hf`.
 * `DCAConfig`    - Dual Chunk Attention (spec: shared/spec/long-context.md section 2), part of the model
                    config when the checkpoint carries `dual_chunk_attention_config`.
+* `MoEConfig`    - the sparse MLP of Qwen2-MoE (spec section 1.2), part of the model config of a
+                   `Qwen2MoeForCausalLM` checkpoint.
 * `EngineConfig` - how one engine instance runs a model (cache length, chunk size, slots, attention
                    implementation), built by `engine_config` from `zenjax.load`'s keyword arguments.
 
@@ -14,7 +16,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
-SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM")
 ATTENTION_IMPLS = ("auto", "reference", "cudnn", "pallas")
 
 
@@ -87,6 +89,37 @@ class DCAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Qwen2-MoE's sparse MLP (spec 1.2). Names follow the HF config.
+
+    Layer l is sparse iff l not in mlp_only_layers and (l + 1) % decoder_sparse_step == 0; the other
+    layers keep the dense SwiGLU of width ModelConfig.intermediate_size. Example (Qwen1.5-MoE-A2.7B):
+    60 experts, top-4, expert width 1408, shared expert 5632, norm_topk_prob false, every layer sparse.
+    """
+
+    num_experts: int                   # E
+    num_experts_per_tok: int           # k: experts each token is routed to
+    moe_intermediate_size: int         # F of one routed expert
+    shared_expert_intermediate_size: int   # F of the always-on shared expert
+    norm_topk_prob: bool = False       # renormalise the k routing weights to sum to 1
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "mlp_only_layers", tuple(int(l) for l in self.mlp_only_layers))
+        for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "shared_expert_intermediate_size", "decoder_sparse_step"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config field {name}={getattr(self, name)} must be > 0")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds "
+                              f"num_experts={self.num_experts}")
+
+    def is_sparse(self, layer: int) -> bool:
+        return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of a Qwen2 decoder. Dimension letters (see zenjax/model.py) in comments."""
 
@@ -103,6 +136,7 @@ class ModelConfig:
     max_position_embeddings: int
     dca: DCAConfig | None = None
     architecture: str = "Qwen2ForCausalLM"
+    moe: MoEConfig | None = None      # Qwen2-MoE; None: every layer dense
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -114,6 +148,15 @@ class ModelConfig:
                               f"num_key_value_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.moe is not None:
+            bad = [l for l in self.moe.mlp_only_layers if not 0 <= l < self.num_layers]
+            if bad:
+                raise ConfigError(f"mlp_only_layers={list(self.moe.mlp_only_layers)}: layers {bad} do not "
+                                  f"exist (num_hidden_layers={self.num_layers})")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer `layer` uses the sparse MoE MLP (else the dense SwiGLU)."""
+        return self.moe is not None and self.moe.is_sparse(layer)
 
     @property
     def group(self) -> int:
@@ -123,13 +166,17 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["dca"] = self.dca.to_hf() if self.dca else None
+        if self.moe is None:
+            d.pop("moe")            # dense checkpoints keep the config they had before MoE existed
+        else:
+            d["moe"]["mlp_only_layers"] = list(self.moe.mlp_only_layers)
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         d = dict(d)
-        dca = d.pop("dca", None)
-        return cls(**d, dca=DCAConfig(**dca) if dca else None)
+        dca, moe = d.pop("dca", None), d.pop("moe", None)
+        return cls(**d, dca=DCAConfig(**dca) if dca else None, moe=MoEConfig(**moe) if moe else None)
 
 
 def _req(hf: Mapping[str, Any], key: str):
@@ -174,6 +221,24 @@ def model_config_from_hf(hf: Mapping[str, Any]) -> ModelConfig:
         max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
         dca=dca,
         architecture=arch,
+        moe=_moe_from_hf(hf) if arch == "Qwen2MoeForCausalLM" else None,
+    )
+
+
+def _moe_from_hf(hf: Mapping[str, Any]) -> MoEConfig | None:
+    """The Qwen2-MoE fields (HF defaults where the config omits one, as Qwen2MoeConfig does)."""
+    if hf.get("qkv_bias") is False:
+        raise ConfigError("config.json: qkv_bias=false is not supported (Qwen2-MoE attention has q/k/v biases)")
+    if int(_req(hf, "num_experts")) == 0:
+        return None                          # HF: num_experts 0 makes every layer dense
+    return MoEConfig(
+        num_experts=int(hf["num_experts"]),
+        num_experts_per_tok=int(_req(hf, "num_experts_per_tok")),
+        moe_intermediate_size=int(_req(hf, "moe_intermediate_size")),
+        shared_expert_intermediate_size=int(_req(hf, "shared_expert_intermediate_size")),
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+        decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
     )
 
 

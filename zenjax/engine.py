@@ -371,8 +371,12 @@ class Engine:
 
 def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 8192, max_batch: int = 1,
          attention: str = "auto", dtype: str | None = None, cache_dtype: str | None = None,
-         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True) -> Engine:
+         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True,
+         quantization: str | None = None) -> Engine:
     """Load a converted checkpoint (None: the embedded default) into an Engine.
+
+    quantization: None keeps the checkpoint's weights (fp8 if it was converted with --quantization fp8);
+    "fp8" quantizes a float checkpoint's linear layers to e4m3 + scales on the host, tensor by tensor.
 
     dca: True keeps the checkpoint's dual_chunk_attention_config; False turns DCA off; a DCAConfig
     enables or overrides it for any Qwen2 checkpoint.
@@ -388,9 +392,17 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
     mesh = make_mesh(tensor_parallel)
 
     def put(path_tuple, spec, array):
+        if spec.dtype is not None:        # fp8 values / scales keep their dtype
+            return jax.device_put(np.asarray(array), sharding_for(spec.axes, mesh))
         return jax.device_put(np.asarray(array).astype(jnp.dtype(dtype)), sharding_for(spec.axes, mesh))
 
+    quantizer = None
+    if quantization is not None and meta.get("quantization") is None:
+        from zenjax.fp8 import QuantizeAtLoad
+        put = quantizer = QuantizeAtLoad(cfg, quantization, put)
     _, _, params = load_checkpoint(path, put=put)
+    if quantizer is not None:
+        params = quantizer.merge(params)
     tokenizer = None
     if (path / "tokenizer.json").exists():
         from zenjax.tokenizer import Tokenizer

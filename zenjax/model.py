@@ -1,17 +1,20 @@
-"""Qwen2 / Qwen2.5 decoder in Flax NNX, and its KV cache.
+"""Qwen2 / Qwen2.5 (and Qwen2-MoE) decoder in Flax NNX, and its KV cache.
 
 Dimension alphabet, used in every einsum, shape comment and name in zenjax:
     B  batch (decode slots)      T  queries (tokens of this step)   S  keys (KV cache slots)
     D  model width               N  query heads                     K  kv heads
     G  group = N / K             H  head dim                        F  MLP width     V  vocab
+    E  experts (Qwen2-MoE)
 
 One step of the model (prefill chunk or decode) for the tokens [B, T] at absolute positions
 q_start + [0, T):
     x = embed[tokens]                                            [B, T, D]
-    per layer:  h = rms(x);  q, k, v = h @ wq + bq, ...          [B, T, N|K, H]
+    per layer:  h = rms(x);  q, k, v = h @ wq + bq, ...          [B, T, N|K, H]   (zenjax/layers.py)
                 rotate (plain RoPE by position; DCA: k by j mod s, q three ways; temperature m on q, k)
                 write k, v into the cache at their positions (positions >= S are dropped: padding)
-                a = attention(q, cache, impl)  -> x += a @ wo;   x += swiglu(rms(x))
+                a = attention(q, cache, impl)  -> x += a @ wo;   x += mlp(rms(x))
+                mlp: dense SwiGLU, or on Qwen2-MoE's sparse layers routed experts + shared expert
+                (zenjax/moe.py)
     logits only for the rows asked for (never a [T, V] array for a long prompt while serving)
 
 The weights are nnx.Params whose metadata `logical_axes` comes from zenjax/params.py; the cache is a
@@ -29,7 +32,10 @@ from flax import nnx
 
 from zenjax import attention as attn_lib
 from zenjax.config import ModelConfig
-from zenjax.params import layer_param_specs, param_specs
+from zenjax.fp8 import Fp8Weight
+from zenjax.layers import dense_mlp, linear, output_projection, qkv_projection
+from zenjax.moe import moe_mlp
+from zenjax.params import layer_param_specs, param_specs, scale_name
 from zenjax.rope import apply_rope
 
 
@@ -110,11 +116,23 @@ def rms_norm(x, w, eps: float):
 
 
 class Block(nnx.Module):
-    """One decoder layer's weights (names and shapes: zenjax/params.py)."""
+    """One decoder layer's weights (names and shapes: zenjax/params.py; a Qwen2-MoE sparse layer has
+    router / experts_w_* / shared_* where a dense layer has w_gate / w_up / w_down)."""
 
     def __init__(self, cfg: ModelConfig, l: int, arrays: dict):
-        for name, spec in layer_param_specs(cfg, l).items():
+        for name, spec in layer_param_specs(cfg, l, quantization_of(arrays)).items():
             setattr(self, name, nnx.Param(arrays[name], logical_axes=spec.axes))
+
+    def weights(self, cfg: ModelConfig, l: int) -> dict:
+        """{name: array or Fp8Weight} for the pure layer functions (zenjax/layers.py, zenjax/moe.py)."""
+        names = layer_param_specs(cfg, l)
+        return {name: (Fp8Weight(getattr(self, name)[...], getattr(self, scale_name(name))[...])
+                       if hasattr(self, scale_name(name)) else getattr(self, name)[...]) for name in names}
+
+
+def quantization_of(arrays: dict) -> str | None:
+    """A layer's weight format, read off its arrays: fp8 when they carry scales (zenjax/params.py)."""
+    return "fp8" if any(k.endswith("_scale") for k in arrays) else None
 
 
 class Qwen2(nnx.Module):
@@ -161,25 +179,22 @@ class Qwen2(nnx.Module):
         x = jnp.take(self.embed[...], inp.tokens, axis=0)                              # [B, T, D]
         new_k, new_v, new_ks, new_vs = [], [], [], []
         for l, blk in enumerate(self.layers):
+            w = blk.weights(cfg, l)
             h = rms_norm(x, blk.attn_norm[...], cfg.rms_norm_eps)
-            q = jnp.einsum("btd,dnh->btnh", h, blk.wq[...]) + blk.bq[...]
-            k = jnp.einsum("btd,dkh->btkh", h, blk.wk[...]) + blk.bk[...]
-            v = jnp.einsum("btd,dkh->btkh", h, blk.wv[...]) + blk.bv[...]
+            q, k, v = qkv_projection(w, h)
             q, k = self._rotate(q, k, positions, inp.temp)
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
             k_read, v_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
                                                   new_k, new_v, new_ks, new_vs)
             a = attn_lib.attention(q, k_read, v_read, q_start=inp.q_start, kv_len=inp.kv_len,
                                    impl=impl, dca=cfg.dca)
-            x = x + jnp.einsum("btnh,nhd->btd", a.astype(x.dtype), blk.wo[...])
+            x = x + output_projection(w, a.astype(x.dtype))
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
-            gate = jnp.einsum("btd,df->btf", h, blk.w_gate[...])
-            up = jnp.einsum("btd,df->btf", h, blk.w_up[...])
-            x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, blk.w_down[...])
+            x = x + (moe_mlp(w, h, cfg.moe) if cfg.is_moe_layer(l) else dense_mlp(w, h))
         if logits_rows is not None:
             x = jnp.take_along_axis(x, logits_rows[:, None, None], axis=1)[:, 0]        # [B, D]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        logits = jnp.einsum("...d,vd->...v", x, self.head_weight()).astype(jnp.float32)
+        logits = linear("...d,vd->...v", x, self.head_weight()).astype(jnp.float32)
         scales = (new_ks, new_vs) if cache.quantized else (None, None)
         return logits, KVCache(new_k, new_v, *scales)
 

@@ -1,98 +1,237 @@
-"""The weight layout: one declaration of every parameter's path, shape and logical sharding axes.
+"""The weight layout: one declaration of every parameter's path, shape, logical sharding axes, and the
+Hugging Face tensors it is made of with the transform that makes it.
 
 The converter validates and writes against it, the model allocates and loads against it, and the
 sharding rules (zenjax/sharding.py) map its logical axes onto a mesh. Dimension letters: see
-zenjax/model.py.
+zenjax/model.py. Nothing here is inferred from a tensor's rank: each ParamSpec states the HF shape and
+one of two transforms (HF nn.Linear weights are [out, in]):
 
-Paths are tuples of strings; layer l lives under ("layers", str(l), ...). HF -> zenjax (HF nn.Linear
-weights are [out, in]):
+    COPY    ours = hf.reshape(shape)                 norms, embeddings, biases ([N*H] -> [N, H])
+    LINEAR  ours = hf.T.reshape(shape)               [out, in] -> [in..., out...]
 
-    model.embed_tokens.weight        [V, D]      -> ("embed",)                 [V, D]
-    ...layers.l.input_layernorm      [D]         -> ("layers", l, "attn_norm") [D]
-    ...self_attn.q_proj.weight       [N*H, D]    -> (..., "wq")                [D, N, H]   (W.T reshaped)
-    ...self_attn.q_proj.bias         [N*H]       -> (..., "bq")                [N, H]
+and a parameter either comes from one tensor or is `stacked`: E tensors, one per expert, transformed
+one by one into rows 0..E-1 of our axis 0 (the converter reads them in turn into one array).
+
+Paths are tuples of strings; layer l lives under ("layers", str(l), ...). HF -> zenjax:
+
+    model.embed_tokens.weight        [V, D]      -> ("embed",)                 [V, D]      COPY
+    ...layers.l.input_layernorm      [D]         -> ("layers", l, "attn_norm") [D]         COPY
+    ...self_attn.q_proj.weight       [N*H, D]    -> (..., "wq")                [D, N, H]   LINEAR
+    ...self_attn.q_proj.bias         [N*H]       -> (..., "bq")                [N, H]      COPY
     ...self_attn.k_proj / v_proj     [K*H, D]    -> "wk" / "wv"                [D, K, H];  biases [K, H]
-    ...self_attn.o_proj.weight       [D, N*H]    -> "wo"                       [N, H, D]
+    ...self_attn.o_proj.weight       [D, N*H]    -> "wo"                       [N, H, D]   LINEAR
     ...post_attention_layernorm      [D]         -> "mlp_norm"                 [D]
-    ...mlp.gate_proj / up_proj       [F, D]      -> "w_gate" / "w_up"          [D, F]
-    ...mlp.down_proj                 [D, F]      -> "w_down"                   [F, D]
+  dense layer (Qwen2; Qwen2-MoE's mlp_only_layers / off-step layers):
+    ...mlp.gate_proj / up_proj       [F, D]      -> "w_gate" / "w_up"          [D, F]      LINEAR
+    ...mlp.down_proj                 [D, F]      -> "w_down"                   [F, D]      LINEAR
+  MoE layer (Qwen2-MoE, spec 1.2; F = moe_intermediate_size, Fs = shared_expert_intermediate_size):
+    ...mlp.gate.weight               [E, D]      -> "router"                   [D, E]      LINEAR
+    ...mlp.experts.{e}.gate_proj     [F, D] x E  -> "experts_w_gate"           [E, D, F]   LINEAR, stacked
+    ...mlp.experts.{e}.up_proj       [F, D] x E  -> "experts_w_up"             [E, D, F]   LINEAR, stacked
+    ...mlp.experts.{e}.down_proj     [D, F] x E  -> "experts_w_down"           [E, F, D]   LINEAR, stacked
+    ...mlp.shared_expert.gate_proj   [Fs, D]     -> "shared_w_gate"            [D, Fs]     LINEAR
+    ...mlp.shared_expert.up_proj     [Fs, D]     -> "shared_w_up"              [D, Fs]     LINEAR
+    ...mlp.shared_expert.down_proj   [D, Fs]     -> "shared_w_down"            [Fs, D]     LINEAR
+    ...mlp.shared_expert_gate.weight [1, D]      -> "shared_gate"              [D]         LINEAR
     model.norm.weight                [D]         -> ("final_norm",)            [D]
     lm_head.weight                   [V, D]      -> ("lm_head",)               [V, D]  (absent when tied)
+
+Example: expert 3's gate_proj of layer 0, [F, D] in HF, becomes experts_w_gate[3] = gate_proj.T [D, F].
+
+fp8 weights (`quantization="fp8"`, zenjax/fp8.py): every name in FP8_WEIGHTS is stored as float8_e4m3fn
+values of the same shape plus a float32 "<name>_scale" with one entry per output channel (and expert):
+wq [D, N, H] -> wq e4m3 [D, N, H] and wq_scale [N, H]; experts_w_down [E, F, D] -> scale [E, D]. Scales
+have no HF tensor (hf_names is empty): the converter or the loader derives them from the weight.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterator
 
 from zenjax.config import ModelConfig
 
+COPY, LINEAR = "copy", "linear"
+TRANSFORMS = (COPY, LINEAR)
+QUANTIZATIONS = ("fp8",)
+FP8_DTYPE = "float8_e4m3fn"
+# The linear layers stored in fp8. Not quantized: embeddings, norms, biases, the lm_head (the logits'
+# precision sets greedy ties), and the MoE router and shared-expert gate (tiny; routing is discontinuous).
+FP8_WEIGHTS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "experts_w_gate", "experts_w_up",
+                         "experts_w_down", "shared_w_gate", "shared_w_up", "shared_w_down"})
+
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
-    shape: tuple[int, ...]
-    axes: tuple[str, ...]      # logical axis per dimension (see sharding.LOGICAL_AXES)
-    hf_name: str               # safetensors key it comes from
-    transform: str             # how the HF tensor becomes ours: "none" | "linear_in_out" | "linear_out_heads"
+    shape: tuple[int, ...]         # ours
+    axes: tuple[str, ...]          # logical axis per dimension (see sharding.RULES)
+    hf_names: tuple[str, ...]      # the safetensors keys it is made of (one, or E when stacked)
+    hf_shape: tuple[int, ...]      # the shape of each of those tensors
+    transform: str                 # COPY | LINEAR, applied to each tensor
+    stacked: bool = False          # hf_names[e] becomes row e of our axis 0
+    dtype: str | None = None       # stored dtype when fixed (fp8 values, float32 scales); None: the checkpoint's
+
+    def __post_init__(self):
+        if self.transform not in TRANSFORMS:
+            raise ValueError(f"transform {self.transform!r}: expected one of {TRANSFORMS}")
+        if len(self.axes) != len(self.shape):
+            raise ValueError(f"{self.hf_names[:1]}: axes {self.axes} do not match shape {self.shape}")
+        n = self.shape[0] if self.stacked else 1
+        if self.derived:
+            return
+        if len(self.hf_names) != n:
+            raise ValueError(f"{self.hf_names[0]}: {len(self.hf_names)} HF tensors for {n} rows")
+        if math.prod(self.hf_shape) != math.prod(self.element_shape):
+            raise ValueError(f"{self.hf_names[0]}: HF shape {self.hf_shape} cannot become {self.element_shape}")
+
+    @property
+    def derived(self) -> bool:
+        """No HF tensor: made from another parameter (an fp8 scale)."""
+        return not self.hf_names
+
+    @property
+    def in_dims(self) -> int:
+        """LINEAR: how many leading dims of element_shape are the input (their product is the HF [out, in]
+        tensor's in). wq [D, N, H] -> 1; wo [N, H, D] -> 2."""
+        if self.transform != LINEAR:
+            raise ValueError(f"{self.hf_names}: not a linear layer")
+        n, prod = 0, 1
+        while prod != self.hf_shape[1]:
+            prod *= self.element_shape[n]
+            n += 1
+        return n
+
+    @property
+    def element_shape(self) -> tuple[int, ...]:
+        """Our shape of what one HF tensor becomes (one expert's row when stacked)."""
+        return self.shape[1:] if self.stacked else self.shape
+
+    @property
+    def hf_name(self) -> str:
+        """The one HF key of an unstacked parameter."""
+        if self.stacked:
+            raise ValueError(f"{self.hf_names[0]}...: a stacked parameter has {len(self.hf_names)} HF tensors")
+        return self.hf_names[0]
 
 
-def layer_param_specs(cfg: ModelConfig, l: int) -> dict[str, ParamSpec]:
+def _copy(shape, axes, name, hf_shape=None) -> ParamSpec:
+    return ParamSpec(tuple(shape), tuple(axes), (name,), tuple(hf_shape or shape), COPY)
+
+
+def _linear(ins, outs, axes, name) -> ParamSpec:
+    """HF [prod(outs), prod(ins)] -> ours [*ins, *outs]."""
+    return ParamSpec(tuple(ins) + tuple(outs), tuple(axes), (name,), (math.prod(outs), math.prod(ins)), LINEAR)
+
+
+def _stacked_linear(E, ins, outs, axes, names) -> ParamSpec:
+    return ParamSpec((E,) + tuple(ins) + tuple(outs), tuple(axes), tuple(names),
+                     (math.prod(outs), math.prod(ins)), LINEAR, stacked=True)
+
+
+def scale_name(name: str) -> str:
+    return name + "_scale"
+
+
+def fp8_specs(name: str, spec: ParamSpec) -> dict[str, ParamSpec]:
+    """The weight `name` as e4m3 values plus its per-output-channel float32 scale."""
+    lead = 1 if spec.stacked else 0
+    cut = lead + spec.in_dims
+    scale = ParamSpec(spec.shape[:lead] + spec.shape[cut:], spec.axes[:lead] + spec.axes[cut:], (), (),
+                      COPY, dtype="float32")
+    return {name: dataclasses.replace(spec, dtype=FP8_DTYPE), scale_name(name): scale}
+
+
+def _quantized(specs: dict[str, ParamSpec], quantization: str | None) -> dict[str, ParamSpec]:
+    if quantization is None:
+        return specs
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r}: expected one of {QUANTIZATIONS} or None")
+    out: dict[str, ParamSpec] = {}
+    for name, spec in specs.items():
+        out.update(fp8_specs(name, spec) if name in FP8_WEIGHTS else {name: spec})
+    return out
+
+
+def layer_param_specs(cfg: ModelConfig, l: int, quantization: str | None = None) -> dict[str, ParamSpec]:
+    return _quantized(_layer_param_specs(cfg, l), quantization)
+
+
+def _layer_param_specs(cfg: ModelConfig, l: int) -> dict[str, ParamSpec]:
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     p = f"model.layers.{l}."
-    return {
-        "attn_norm": ParamSpec((D,), ("norm",), p + "input_layernorm.weight", "none"),
-        "wq": ParamSpec((D, N, H), ("embed", "q_heads", "head_dim"), p + "self_attn.q_proj.weight", "linear_in_out"),
-        "bq": ParamSpec((N, H), ("q_heads", "head_dim"), p + "self_attn.q_proj.bias", "none"),
-        "wk": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim"), p + "self_attn.k_proj.weight", "linear_in_out"),
-        "bk": ParamSpec((K, H), ("kv_heads", "head_dim"), p + "self_attn.k_proj.bias", "none"),
-        "wv": ParamSpec((D, K, H), ("embed", "kv_heads", "head_dim"), p + "self_attn.v_proj.weight", "linear_in_out"),
-        "bv": ParamSpec((K, H), ("kv_heads", "head_dim"), p + "self_attn.v_proj.bias", "none"),
-        "wo": ParamSpec((N, H, D), ("q_heads", "head_dim", "embed"), p + "self_attn.o_proj.weight", "linear_in_out"),
-        "mlp_norm": ParamSpec((D,), ("norm",), p + "post_attention_layernorm.weight", "none"),
-        "w_gate": ParamSpec((D, F), ("embed", "mlp"), p + "mlp.gate_proj.weight", "linear_in_out"),
-        "w_up": ParamSpec((D, F), ("embed", "mlp"), p + "mlp.up_proj.weight", "linear_in_out"),
-        "w_down": ParamSpec((F, D), ("mlp", "embed"), p + "mlp.down_proj.weight", "linear_in_out"),
+    specs = {
+        "attn_norm": _copy((D,), ("norm",), p + "input_layernorm.weight"),
+        "wq": _linear((D,), (N, H), ("embed", "q_heads", "head_dim"), p + "self_attn.q_proj.weight"),
+        "bq": _copy((N, H), ("q_heads", "head_dim"), p + "self_attn.q_proj.bias", (N * H,)),
+        "wk": _linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), p + "self_attn.k_proj.weight"),
+        "bk": _copy((K, H), ("kv_heads", "head_dim"), p + "self_attn.k_proj.bias", (K * H,)),
+        "wv": _linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), p + "self_attn.v_proj.weight"),
+        "bv": _copy((K, H), ("kv_heads", "head_dim"), p + "self_attn.v_proj.bias", (K * H,)),
+        "wo": _linear((N, H), (D,), ("q_heads", "head_dim", "embed"), p + "self_attn.o_proj.weight"),
+        "mlp_norm": _copy((D,), ("norm",), p + "post_attention_layernorm.weight"),
     }
-
-
-def param_specs(cfg: ModelConfig) -> dict[tuple[str, ...], ParamSpec]:
-    """Every parameter, in the order a converter should stream them (embedding, layers, head)."""
-    V, D = cfg.vocab_size, cfg.hidden_size
-    specs = {("embed",): ParamSpec((V, D), ("vocab", "embed"), "model.embed_tokens.weight", "none")}
-    for l in range(cfg.num_layers):
-        for name, s in layer_param_specs(cfg, l).items():
-            specs[("layers", str(l), name)] = s
-    specs[("final_norm",)] = ParamSpec((D,), ("norm",), "model.norm.weight", "none")
-    if not cfg.tie_word_embeddings:
-        specs[("lm_head",)] = ParamSpec((V, D), ("vocab", "embed"), "lm_head.weight", "none")
+    if not cfg.is_moe_layer(l):
+        specs.update({
+            "w_gate": _linear((D,), (F,), ("embed", "mlp"), p + "mlp.gate_proj.weight"),
+            "w_up": _linear((D,), (F,), ("embed", "mlp"), p + "mlp.up_proj.weight"),
+            "w_down": _linear((F,), (D,), ("mlp", "embed"), p + "mlp.down_proj.weight"),
+        })
+        return specs
+    moe = cfg.moe
+    E, Fe, Fs = moe.num_experts, moe.moe_intermediate_size, moe.shared_expert_intermediate_size
+    ex = [f"{p}mlp.experts.{e}." for e in range(E)]
+    specs.update({
+        "router": _linear((D,), (E,), ("embed", "router"), p + "mlp.gate.weight"),
+        "experts_w_gate": _stacked_linear(E, (D,), (Fe,), ("experts", "embed", "expert_mlp"),
+                                          [x + "gate_proj.weight" for x in ex]),
+        "experts_w_up": _stacked_linear(E, (D,), (Fe,), ("experts", "embed", "expert_mlp"),
+                                        [x + "up_proj.weight" for x in ex]),
+        "experts_w_down": _stacked_linear(E, (Fe,), (D,), ("experts", "expert_mlp", "embed"),
+                                          [x + "down_proj.weight" for x in ex]),
+        "shared_w_gate": _linear((D,), (Fs,), ("embed", "mlp"), p + "mlp.shared_expert.gate_proj.weight"),
+        "shared_w_up": _linear((D,), (Fs,), ("embed", "mlp"), p + "mlp.shared_expert.up_proj.weight"),
+        "shared_w_down": _linear((Fs,), (D,), ("mlp", "embed"), p + "mlp.shared_expert.down_proj.weight"),
+        "shared_gate": _linear((D,), (), ("embed",), p + "mlp.shared_expert_gate.weight"),
+    })
     return specs
 
 
-def hf_shape(spec: ParamSpec) -> tuple[int, ...]:
-    """The shape the safetensors tensor must have for `spec`."""
-    if spec.transform == "none":
-        # biases are [N, H] here and flat [N*H] in HF
-        return (spec.shape[0] * spec.shape[1],) if spec.hf_name.endswith(".bias") else spec.shape
-    # linear_in_out: ours is [in..., out...] flattened from HF [out, in].
-    if len(spec.shape) == 3 and spec.axes[0] == "embed":      # wq/wk/wv: [D, X, H] <- [X*H, D]
-        return (spec.shape[1] * spec.shape[2], spec.shape[0])
-    if len(spec.shape) == 3:                                  # wo: [N, H, D] <- [D, N*H]
-        return (spec.shape[2], spec.shape[0] * spec.shape[1])
-    return (spec.shape[1], spec.shape[0])                     # [in, out] <- [out, in]
+def param_specs(cfg: ModelConfig, quantization: str | None = None) -> dict[tuple[str, ...], ParamSpec]:
+    """Every parameter, in the order a converter should stream them (embedding, layers, head)."""
+    V, D = cfg.vocab_size, cfg.hidden_size
+    specs = {("embed",): _copy((V, D), ("vocab", "embed"), "model.embed_tokens.weight")}
+    for l in range(cfg.num_layers):
+        for name, s in layer_param_specs(cfg, l, quantization).items():
+            specs[("layers", str(l), name)] = s
+    specs[("final_norm",)] = _copy((D,), ("norm",), "model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        specs[("lm_head",)] = _copy((V, D), ("vocab", "embed"), "lm_head.weight")
+    return specs
 
 
 def from_hf(spec: ParamSpec, x):
-    """HF numpy tensor -> our layout (numpy in, numpy out; no copy beyond the transpose)."""
-    if spec.transform == "none":
-        return x.reshape(spec.shape)
-    return x.T.reshape(spec.shape)
+    """One HF numpy tensor -> our layout of it (`spec.element_shape`; numpy in, numpy out; no copy beyond
+    the transpose). A stacked parameter is the E results stacked (the converter fills the rows)."""
+    if tuple(x.shape) != spec.hf_shape:
+        raise ValueError(f"{spec.hf_names[0]}: got shape {list(x.shape)}, expected {list(spec.hf_shape)}")
+    return (x if spec.transform == COPY else x.T).reshape(spec.element_shape)
+
+
+def to_hf_tensors(spec: ParamSpec, x) -> dict:
+    """Our layout -> {HF name: tensor} (for exporting a trained model): the inverse of from_hf."""
+    rows = list(x) if spec.stacked else [x]
+    out = {}
+    for name, r in zip(spec.hf_names, rows):
+        if spec.transform == COPY:
+            out[name] = r.reshape(spec.hf_shape)
+        else:                                   # [in..., out...] -> [in, out] -> [out, in]
+            out[name] = r.reshape(spec.hf_shape[1], spec.hf_shape[0]).T
+    return out
 
 
 def to_hf(spec: ParamSpec, x):
-    """Our layout -> the HF tensor (for exporting a trained model)."""
-    if spec.transform == "none":
-        return x.reshape(hf_shape(spec))
-    flat_in = spec.shape[0] * (spec.shape[1] if len(spec.shape) == 3 and spec.axes[0] != "embed" else 1)
-    return x.reshape(flat_in, -1).T.reshape(hf_shape(spec))
+    """to_hf_tensors for an unstacked parameter: the one HF tensor."""
+    return to_hf_tensors(spec, x)[spec.hf_name]
 
 
 def nested_set(tree: dict, path: tuple[str, ...], value) -> None:

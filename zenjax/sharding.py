@@ -15,6 +15,10 @@ RULES: dict[str, str | None] = {
     "vocab": None, "embed": None, "norm": None, "head_dim": None,
     "q_heads": "tp", "kv_heads": "tp", "mlp": "tp",
     "batch": None, "cache_seq": None,
+    # Qwen2-MoE: the stacked expert weights [E, ...] name their expert axis "experts" (-> an "ep" mesh
+    # axis once a mesh has one: expert parallelism), each expert's width "expert_mlp" (tensor parallel
+    # like "mlp"); the router [D, E] is small and stays replicated.
+    "experts": "ep", "expert_mlp": "tp", "router": None,
 }
 
 

@@ -1,6 +1,6 @@
 """Hugging Face Qwen2 directory -> zenjax checkpoint (format: zenjax/checkpoint.py).
 
-    python -m zenjax.convert --hf SRC --out DST [--dtype bfloat16|float16|float32] [--force]
+    python -m zenjax.convert --hf SRC --out DST [--dtype bfloat16|float16|float32] [--quantization fp8] [--force]
 
 The flow of `convert_checkpoint`:
   1. refuse a bad --dtype or an existing non-empty DST (unless force) before reading anything;
@@ -9,7 +9,8 @@ The flow of `convert_checkpoint`:
      nothing written;
   3. stream into a temporary directory beside DST (same filesystem, so the final rename is atomic):
      one checkpoint item (embed, each layer, final_norm, lm_head) is read tensor by tensor, written,
-     and dropped before the next, so peak memory is about one layer plus one tensor's shard pages;
+     and dropped before the next, so peak memory is about one layer plus one tensor's shard pages
+     (with --quantization fp8 each linear weight is read in float32 and stored as e4m3 + scales);
   4. copy tokenizer/generation files, write zenjax_config.json, rename the temporary directory to DST.
 Any error (KeyboardInterrupt included) removes the temporary directory: DST is never half-written.
 """
@@ -25,21 +26,25 @@ import zenjax
 from zenjax.checkpoint import DTYPES, TOKENIZER_FILES, CheckpointWriter, items, np_dtype
 from zenjax.convert.hf import ConvertError, HFSource
 from zenjax.convert.progress import Progress
-from zenjax.params import nested_set
+from zenjax.fp8 import quantize
+from zenjax.params import FP8_DTYPE, QUANTIZATIONS, nested_set, scale_name
 
 __all__ = ["ConvertError", "convert_checkpoint"]
 
 
 def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bfloat16",
-                       progress: bool | None = None, force: bool = False) -> None:
+                       progress: bool | None = None, force: bool = False, quantization: str | None = None) -> None:
     """Converts the HF directory `src` into a zenjax checkpoint at `dst`.
 
     progress: None -> a bar on stderr when it is a terminal; True/False force it on/off.
+    quantization: "fp8" stores the linear layers as e4m3 with per-output-channel float32 scales.
     Raises ConvertError (naming the file / tensor / field) and leaves `dst` untouched on any failure.
     """
     src, dst = Path(src), Path(dst)
     if dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ConvertError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     if dst.exists() and not dst.is_dir():
         raise ConvertError(f"{dst}: exists and is not a directory")
     if dst.is_dir() and any(dst.iterdir()) and not force:
@@ -56,7 +61,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bfloat16"
     tmp = dst.parent / f".{dst.name}.zenjax-tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(source, tmp, dtype, progress, meta)
+        _write(source, tmp, dtype, progress, meta, quantization)
         _install(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -68,16 +73,24 @@ def convert_checkpoint(src: str | Path, dst: str | Path, dtype: str = "bfloat16"
         raise
 
 
-def _write(source: HFSource, tmp: Path, dtype: str, progress: bool | None, meta: dict) -> None:
+def _write(source: HFSource, tmp: Path, dtype: str, progress: bool | None, meta: dict,
+           quantization: str | None = None) -> None:
     cfg, dt = source.cfg, np_dtype(dtype)
-    writer = CheckpointWriter(tmp, cfg, dtype)
-    plan = items(cfg)
+    writer = CheckpointWriter(tmp, cfg, dtype, quantization)
+    plan = items(cfg, quantization)
     total = sum(source.tensor_bytes(spec) for entries in plan.values() for _, spec in entries)
     with Progress(total, enabled=progress, label="converting") as bar:
         for name, entries in plan.items():
             tree: dict = {}
             for path, spec in entries:
-                nested_set(tree, path, source.read(spec, dt))
+                if spec.derived:            # an fp8 scale: written with its weight just below
+                    continue
+                if spec.dtype == FP8_DTYPE:
+                    q, scale = quantize(spec, source.read(spec, np_dtype("float32")))
+                    nested_set(tree, path, q)
+                    nested_set(tree, path[:-1] + (scale_name(path[-1]),), scale)
+                else:
+                    nested_set(tree, path, source.read(spec, dt))
                 bar.update(source.tensor_bytes(spec), name)
             writer.write_item(name, tree)
             del tree

@@ -1,10 +1,11 @@
-"""Reading a local Hugging Face Qwen2 directory: config, tensor headers, and tensors one at a time.
+"""Reading a local Hugging Face Qwen2 / Qwen2-MoE directory: config, tensor headers, and tensors one at a time.
 
 `HFSource.open(src)` reads config.json (-> ModelConfig through config.model_config_from_hf) and only the
 *headers* of the safetensors files (names, dtypes, shapes; no tensor data), then `check()` compares them
 with the weight layout of zenjax/params.py before anything is written: every expected tensor present
-exactly once with the shape `params.hf_shape` gives, nothing unexpected. `read(spec)` then returns one
-tensor in our layout.
+exactly once with the shape its ParamSpec declares, nothing unexpected. `read(spec)` then returns one
+parameter in our layout: one tensor, or for a stacked parameter (MoE experts) its E tensors read one
+after the other into the rows of one array, so peak memory is that parameter plus one expert tensor.
 
 Why `read` uses plain file reads at the header's byte offsets instead of `safe_open(...).get_tensor`:
 get_tensor copies out of a memory map, and every page of the map it touches stays in the process's
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from zenjax.config import ConfigError, ModelConfig, model_config_from_hf
-from zenjax.params import ParamSpec, from_hf, hf_shape, param_specs
+from zenjax.params import ParamSpec, from_hf, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -31,6 +32,7 @@ _NP_DTYPES = {"F32": lambda: np.dtype("<f4"), "F16": lambda: np.dtype("<f2"),
 FLOAT_DTYPES = set(_NP_DTYPES)
 # Tensors some exporters keep that carry nothing we need (recomputed RoPE frequencies).
 HARMLESS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
 
 
 class ConvertError(Exception):
@@ -133,15 +135,15 @@ class HFSource:
 
     def check(self) -> None:
         """Every expected tensor present with the right shape and a float dtype; nothing unexpected."""
-        specs = {s.hf_name: s for s in param_specs(self.cfg).values()}
-        problems = []
+        specs = {name: s for s in param_specs(self.cfg).values() for name in s.hf_names}
+        problems = self._expert_count_problems()
         for name, spec in specs.items():
             info = self.tensors.get(name)
             if info is None:
                 problems.append(f"missing tensor '{name}' (not in any of {self.files})")
-            elif info.shape != hf_shape(spec):
+            elif info.shape != spec.hf_shape:
                 problems.append(f"tensor '{name}' in {info.file} has shape {list(info.shape)}, but config.json "
-                                f"implies {list(hf_shape(spec))}")
+                                f"implies {list(spec.hf_shape)}")
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"tensor '{name}' in {info.file} has dtype {info.dtype} "
                                 f"(supported: {', '.join(sorted(FLOAT_DTYPES))}; quantized checkpoints are not)")
@@ -157,16 +159,45 @@ class HFSource:
             raise ConvertError(f"{self.root}: checkpoint does not match config.json:\n  "
                                + "\n  ".join(problems[:10]) + more)
 
+    def _expert_count_problems(self) -> list[str]:
+        """One line per layer whose experts in the files are not 0..num_experts-1 (listed first, so a wrong
+        num_experts is named before the per-tensor lines it causes)."""
+        found: dict[int, set[int]] = {}
+        for name in self.tensors:
+            m = EXPERT_KEY.match(name)
+            if m:
+                found.setdefault(int(m[1]), set()).add(int(m[2]))
+        out = []
+        for l in sorted(set(found) | {l for l in range(self.cfg.num_layers) if self.cfg.is_moe_layer(l)}):
+            want = set(range(self.cfg.moe.num_experts)) if self.cfg.is_moe_layer(l) else set()
+            got = found.get(l, set())
+            if got != want:
+                missing, extra = sorted(want - got), sorted(got - want)
+                out.append(f"layer {l}: the checkpoint has {len(got)} experts, config.json implies "
+                           f"{len(want)} (num_experts, mlp_only_layers, decoder_sparse_step)"
+                           + (f"; missing experts {missing}" if missing else "")
+                           + (f"; unexpected experts {extra}" if extra else ""))
+        return out
+
     @property
     def files(self) -> list[str]:
         return sorted({i.file for i in self.tensors.values()})
 
     def tensor_bytes(self, spec: ParamSpec) -> int:
-        return self.tensors[spec.hf_name].nbytes
+        return sum(self.tensors[name].nbytes for name in spec.hf_names)
 
     def read(self, spec: ParamSpec, dtype: np.dtype) -> np.ndarray:
-        """One tensor, transformed to our layout and cast to `dtype`, C-contiguous."""
-        info = self.tensors[spec.hf_name]
+        """One parameter, transformed to our layout and cast to `dtype`, C-contiguous. A stacked one is
+        filled row by row: only one expert tensor is held besides the result."""
+        if not spec.stacked:
+            return np.ascontiguousarray(self._read_one(spec.hf_name, spec, dtype))
+        out = np.empty(spec.shape, dtype)
+        for e, name in enumerate(spec.hf_names):
+            out[e] = self._read_one(name, spec, dtype)
+        return out
+
+    def _read_one(self, name: str, spec: ParamSpec, dtype: np.dtype) -> np.ndarray:
+        info = self.tensors[name]
         path = self.root / info.file
         dt = _NP_DTYPES[info.dtype]()
         try:
@@ -174,12 +205,12 @@ class HFSource:
             if x.nbytes != info.nbytes:
                 raise ValueError(f"file ends {info.nbytes - x.nbytes} bytes early")
         except (OSError, ValueError) as e:
-            raise ConvertError(f"{path}: cannot read tensor '{spec.hf_name}' ({type(e).__name__}: {e})") from e
+            raise ConvertError(f"{path}: cannot read tensor '{name}' ({type(e).__name__}: {e})") from e
         x = x.reshape(info.shape)
         if not _all_finite(x):
-            raise ConvertError(f"{path}: tensor '{spec.hf_name}' contains NaN or Inf")
+            raise ConvertError(f"{path}: tensor '{name}' contains NaN or Inf")
         with np.errstate(over="ignore"):                                  # checked just below
-            y = np.ascontiguousarray(from_hf(spec, x).astype(dtype, copy=False))
+            y = from_hf(spec, x).astype(dtype, copy=False)
         if y.dtype.itemsize < x.dtype.itemsize and not _all_finite(y):    # e.g. f32 1e5 -> f16 inf
-            raise ConvertError(f"{path}: tensor '{spec.hf_name}' overflows {dtype} (use a wider --dtype)")
+            raise ConvertError(f"{path}: tensor '{name}' overflows {dtype} (use a wider --dtype)")
         return y

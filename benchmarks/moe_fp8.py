@@ -1,0 +1,90 @@
+"""Qwen1.5-MoE-A2.7B shape and fp8 weights: TTFT and decode ms/step with random weights made on the
+device, through the same measure() functions as benchmarks/prefill.py and benchmarks/decode.py.
+
+    python -m benchmarks.moe_fp8 --model moe --lengths 32768 --contexts 8192 --batches 1,8
+    python -m benchmarks.moe_fp8 --model 7b --weights fp8 --lengths 32768 --contexts 8192 --batches 1
+    python -m benchmarks.moe_fp8 --smoke            # tiny shapes on the CPU: the script runs
+
+--weights fp8 quantizes the random bf16 weights on the device (zenjax.fp8.quantize, the converter's
+formula) and drops the bf16 copies. FLOPs and bytes in the rows count the weights a token multiplies by
+(benchmarks/common.layer_params: for MoE the router, k experts and the shared expert); at decode batch 8
+more experts are touched, so the GB/s figure is a lower bound there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+
+from benchmarks import decode, prefill
+from benchmarks.common import ceilings, random_params, write_json
+from zenjax.config import MoEConfig, ModelConfig
+from zenjax.fp8 import quantize
+from zenjax.params import FP8_DTYPE, param_specs, scale_name
+
+QWEN15_MOE_A27B = ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_layers=24,
+                              num_heads=16, num_kv_heads=16, head_dim=128, rope_theta=1e6, rms_norm_eps=1e-6,
+                              tie_word_embeddings=False, max_position_embeddings=8192,
+                              architecture="Qwen2MoeForCausalLM", moe=MoEConfig(60, 4, 1408, 5632))
+SMOKE_MOE = dataclasses.replace(QWEN15_MOE_A27B, vocab_size=512, hidden_size=64, intermediate_size=128,
+                                num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
+                                moe=MoEConfig(8, 2, 32, 64, mlp_only_layers=(1,)))
+
+
+def to_fp8(cfg: ModelConfig, params: dict) -> dict:
+    """Random bf16 weights -> the fp8 layout (values + scales), one jitted quantizer per distinct shape."""
+    fns: dict = {}
+    for path, spec in param_specs(cfg, "fp8").items():
+        if spec.dtype != FP8_DTYPE:
+            continue
+        node = params
+        for k in path[:-1]:
+            node = node[k]
+        key = (spec.shape, spec.stacked, spec.in_dims)
+        if key not in fns:
+            fns[key] = jax.jit(lambda w, spec=spec: quantize(spec, w))
+        node[path[-1]], node[scale_name(path[-1])] = fns[key](node[path[-1]])
+    return params
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=("moe", "7b"), default="moe")
+    ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16")
+    ap.add_argument("--lengths", default="32768", help="prefill lengths (TTFT)")
+    ap.add_argument("--contexts", default="8192", help="decode contexts")
+    ap.add_argument("--batches", default="1,8", help="decode batch sizes")
+    ap.add_argument("--chunk", type=int, default=8192)
+    ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--smoke", action="store_true")
+    a = ap.parse_args(argv)
+    from benchmarks.common import QWEN25_7B_1M, SMOKE
+    if a.smoke:
+        cfg, attention = (SMOKE_MOE if a.model == "moe" else dataclasses.replace(SMOKE, dca=None)), "reference"
+        a.lengths, a.contexts, a.chunk = "64", "32", 32
+    else:
+        cfg = QWEN15_MOE_A27B if a.model == "moe" else dataclasses.replace(QWEN25_7B_1M, dca=None)
+        attention = a.attention
+    warm = ceilings(small=a.smoke)
+    lengths = [int(x) for x in a.lengths.split(",")]
+    contexts = [int(x) for x in a.contexts.split(",")]
+    info = {"device": jax.devices()[0].device_kind, "model": a.model, "weights": a.weights, "ceilings": warm}
+    out = dict(info, prefill=[], decode={})
+    name = f"moe_fp8_{a.model}_{a.weights}.json"
+    for b in [int(x) for x in a.batches.split(",")]:
+        params = random_params(cfg)
+        if a.weights == "fp8":
+            params = to_fp8(cfg, params)
+        max_len = max(max(lengths) + 256, max(contexts) + 64)
+        engine = prefill.make_engine(cfg, params, max_len, a.chunk, attention, "bfloat16", b)
+        del params
+        if b == 1:
+            out["prefill"] = prefill.measure(engine, lengths, warm)
+        out["decode"][str(b)] = decode.measure(engine, contexts, warm)
+        write_json(name, out)
+        del engine
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The decoder layer's math outside attention itself, as pure functions of (weights, activations).
+
+Every weight multiply of the model goes through `linear` (or `grouped_linear` for a stack of experts):
+one seam where a weight format is decided. A weight is a float array or an fp8.Fp8Weight (e4m3 values
+plus one float32 scale per output channel, zenjax/fp8.py), so the layer functions below and the MoE
+block (zenjax/moe.py) do not change with the weight format.
+
+Per decoder layer (zenjax/model.py runs the rotary, cache write and attention call between the two
+projections):
+    q, k, v = qkv_projection(w, rms(x))           [B, T, N|K, H]
+    x += output_projection(w, attention(...))     [B, T, D]
+    x += dense_mlp(w, rms(x))   or   moe_mlp(w, rms(x), cfg.moe)  (zenjax/moe.py)
+`w` is the layer's {name: array} dict named as in zenjax/params.py.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zenjax.fp8 import Fp8Weight
+
+
+def linear(eq: str, x, w, *, out_dtype=None):
+    """x times weight w as the einsum `eq` (x's subscripts first), e.g. "btd,dnh->btnh" for wq.
+    out_dtype: accumulate into and return this dtype (the router asks for float32).
+
+    fp8: (x @ values) * scale; every eq here ends with the weight's output subscripts, so the scale
+    [out...] broadcasts over the result's trailing dims."""
+    if isinstance(w, Fp8Weight):
+        y = jnp.einsum(eq, x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
+        return (y * w.scale).astype(y.dtype)
+    return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
+
+
+def grouped_linear(x, w, group_sizes, row_experts=None):
+    """Rows of x [M, I] grouped by expert times that expert's weight w [E, I, O] -> [M, O].
+
+    Rows 0..group_sizes[0]-1 use w[0], the next group_sizes[1] rows w[1], and so on (the rows must be
+    sorted by expert; sum(group_sizes) == M). Shapes are static; only the group boundaries are data.
+    Example: group_sizes [2, 0, 1] -> rows 0, 1 use w[0], row 2 uses w[2].
+    row_experts [M]: each row's expert, needed for an fp8 w (its scale [E, O] is per expert)."""
+    if isinstance(w, Fp8Weight):
+        y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), group_sizes)
+        return (y * jnp.take(w.scale, row_experts, axis=0)).astype(y.dtype)
+    return jax.lax.ragged_dot(x, w, group_sizes)
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """SwiGLU MLP on the last axis: (silu(x @ w_gate) * (x @ w_up)) @ w_down; [..., D] -> [..., D]."""
+    gate = linear("...d,df->...f", x, w_gate)
+    up = linear("...d,df->...f", x, w_up)
+    return linear("...f,fd->...d", jax.nn.silu(gate) * up, w_down)
+
+
+def qkv_projection(w: dict, h):
+    """h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], with their biases."""
+    q = linear("btd,dnh->btnh", h, w["wq"]) + w["bq"]
+    k = linear("btd,dkh->btkh", h, w["wk"]) + w["bk"]
+    v = linear("btd,dkh->btkh", h, w["wv"]) + w["bv"]
+    return q, k, v
+
+
+def output_projection(w: dict, a):
+    """Attention output a [B, T, N, H] -> [B, T, D] (o_proj has no bias)."""
+    return linear("btnh,nhd->btd", a, w["wo"])
+
+
+def dense_mlp(w: dict, h):
+    """A dense layer's MLP: h [B, T, D] -> [B, T, D]."""
+    return swiglu(h, w["w_gate"], w["w_up"], w["w_down"])

@@ -1,0 +1,75 @@
+"""Qwen2-MoE's sparse MLP (spec shared/spec/long-context.md 1.2) as pure functions.
+
+Flow of `moe_mlp` for the M = B*T tokens h [M, D] of one step (E experts, top k, expert width F):
+  1. route: router logits h @ router [M, E] accumulated in float32, softmax over all E in float32,
+     top-k -> weights [M, k] and expert ids [M, k]; with norm_topk_prob the k weights are divided by
+     their sum (Qwen1.5-MoE-A2.7B: off, so they sum to less than 1); then cast to h's dtype, as HF does.
+  2. the M*k (token, expert) assignments are sorted by expert (a stable argsort of the ids), each row
+     gathers its token's h -> xs [M*k, D], and group_sizes [E] counts the rows of each expert;
+  3. grouped SwiGLU: ragged_dot(xs, experts_w_gate [E, D, F]) etc. -> ys [M*k, D]: every row is
+     multiplied by its own expert's weights only;
+  4. each row times its routing weight, rows put back in token order ([M, k, D]) and summed over k;
+  5. plus the shared expert, gated per token by sigmoid(h @ shared_gate) (a scalar per token).
+Worked example: M = 2, k = 2, ids [[3, 0], [0, 2]] -> sorted assignments (t0,e0) (t1,e0) (t1,e2) (t0,e3),
+group_sizes [2, 0, 1, 1]: expert 0 multiplies rows 0-1, expert 2 row 2, expert 3 row 3.
+
+Why jax.lax.ragged_dot rather than a dense einsum over all experts: the dense form multiplies every
+token by every expert (E/k = 15x the FLOPs for A2.7B's 60 experts, top-4) and materialises [M, E, F]
+(32K tokens x 60 x 1408 x 2 bytes = 5.5 GB per projection); ragged_dot does only the routed work with
+static shapes ([M*k, D] whatever the routing), so one compiled step serves every routing, and it is
+the op XLA lowers to a grouped GEMM on GPU (the Mosaic GPU grouped matmul in JAX's Pallas ops has the
+same contract, group sizes over sorted rows, should it be needed). Padding rows of a prefill chunk are
+routed like any token (static shapes); their outputs are never written to the cache.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from zenjax.config import MoEConfig
+from zenjax.layers import grouped_linear, linear, swiglu
+
+
+def route(h, router, k: int, norm_topk_prob: bool):
+    """h [M, D], router [D, E] -> (weights [M, k] in h's dtype, expert ids [M, k] int32), best first."""
+    logits = linear("md,de->me", h, router, out_dtype=jnp.float32)
+    prob = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(prob, k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights.astype(h.dtype), experts.astype(jnp.int32)
+
+
+def _num_experts(w) -> int:
+    """E of a stacked expert weight (float or fp8)."""
+    return (w.values if hasattr(w, "values") else w).shape[0]
+
+
+def routed_experts(h, weights, experts, w_gate, w_up, w_down):
+    """sum_j weights[m, j] * SwiGLU_{experts[m, j]}(h[m]) for h [M, D]; expert weights [E, D, F],
+    [E, D, F], [E, F, D]. Steps 2-4 of the module docstring."""
+    M, D = h.shape
+    k, E = experts.shape[1], _num_experts(w_gate)
+    flat = experts.reshape(-1)                                        # [M*k] assignment -> expert
+    order = jnp.argsort(flat, stable=True)                            # assignments sorted by expert
+    xs = jnp.take(h, order // k, axis=0)                              # [M*k, D] each row's token
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)            # [E] rows per expert
+    row_e = jnp.take(flat, order)                                     # [M*k] each sorted row's expert
+    gate = grouped_linear(xs, w_gate, sizes, row_e)
+    up = grouped_linear(xs, w_up, sizes, row_e)
+    ys = grouped_linear(jax.nn.silu(gate) * up, w_down, sizes, row_e)  # [M*k, D]
+    ys = ys * jnp.take(weights.reshape(-1), order)[:, None]
+    unsort = jnp.zeros_like(order).at[order].set(jnp.arange(M * k, dtype=order.dtype))
+    return jnp.take(ys, unsort, axis=0).reshape(M, k, D).sum(axis=1)  # back in token order
+
+
+def moe_mlp(w: dict, h, moe: MoEConfig):
+    """A sparse layer's MLP: h [B, T, D] -> [B, T, D]; w holds the layer's router, experts_w_* and
+    shared_* weights (zenjax/params.py)."""
+    B, T, D = h.shape
+    x = h.reshape(B * T, D)
+    weights, experts = route(x, w["router"], moe.num_experts_per_tok, moe.norm_topk_prob)
+    y = routed_experts(x, weights, experts, w["experts_w_gate"], w["experts_w_up"], w["experts_w_down"])
+    shared = swiglu(x, w["shared_w_gate"], w["shared_w_up"], w["shared_w_down"])
+    gate = jax.nn.sigmoid(linear("md,d->m", x, w["shared_gate"]))     # [M] one scalar per token
+    return (y + gate[:, None] * shared).reshape(B, T, D)
