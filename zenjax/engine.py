@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config, with_dca
@@ -38,7 +39,7 @@ from zenjax.prompt import encode_prompt
 from zenjax.runner import CACHE_ALIGN, DECODE_BLOCK, Runner  # noqa: F401  (re-exported)
 from zenjax.sampling import SamplingParams, slot_values
 from zenjax.sequence import IdStream as _IdStream, SequenceState, prefill_plan, stop_ids_for, text_stream  # noqa: F401
-from zenjax.sharding import make_mesh
+from zenjax.sharding import make_mesh, sharding_for
 from zenjax.tokenizer import PromptError  # noqa: F401  (one error class for every bad prompt)
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
