@@ -390,12 +390,15 @@ def test_sigterm_drains_then_exits_zero(tmp_path_factory):
     """SIGTERM: queued requests get UNAVAILABLE, new ones too; a running stream that finishes within the
     grace period completes normally; one that does not is ended with finish reason CANCELLED; exit 0."""
     # grace 5 s: `quick` (60 tokens) must not be able to finish before the signal lands, even on a loaded
-    # CPU, yet finish within the grace period; `endless` (1014 tokens) cannot.
-    srv = serve_load.ServerProcess([*SHAPE_ARGS, "--max-queue", "2", "--grace-seconds", "5"],
-                                   env=server_env(tmp_path_factory))
+    # CPU, yet finish within the grace period; `endless` (32758 tokens) cannot: with 16 decode steps per
+    # device call 1014 tokens took under 5 s on the CPU, so this server's slots are 32768 tokens long.
+    long_len = 32768
+    srv = serve_load.ServerProcess(["--max-batch", str(MAX_BATCH), "--max-model-len", str(long_len),
+                                    "--prefill-chunk", str(PREFILL_CHUNK), "--max-queue", "2",
+                                    "--grace-seconds", "5"], env=server_env(tmp_path_factory))
     try:
         with Client(srv.target) as c:
-            endless = Stream(c, [5, 6, 7], max_new_tokens=MAX_MODEL_LEN - 10, ignore_eos=True)
+            endless = Stream(c, [5, 6, 7], max_new_tokens=long_len - 10, ignore_eos=True)
             endless.wait_for("delta")
             quick = Stream(c, [8, 9], max_new_tokens=60, ignore_eos=True)
             quick.wait_for("delta")
@@ -413,7 +416,7 @@ def test_sigterm_drains_then_exits_zero(tmp_path_factory):
             assert len(quick.token_ids) == 60
             endless.join()
             assert endless.error is None and endless.finished.reason == pb.FINISH_REASON_CANCELLED
-            assert endless.finished.usage.generated_tokens == len(endless.token_ids) < MAX_MODEL_LEN - 10
+            assert endless.finished.usage.generated_tokens == len(endless.token_ids) < long_len - 10
         assert srv.proc.wait(TIMEOUT) == 0, srv.stderr_tail()
         assert srv.find("grace_expired") and srv.find("stopped")
     finally:
