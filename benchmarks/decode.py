@@ -20,7 +20,7 @@ import gc
 import time
 
 from benchmarks.common import add_model_args, ceilings, model_from_args, layer_params, peak_memory_gib, random_params, write_json
-from benchmarks.prefill import make_engine
+from benchmarks.prefill import make_engine, ttft
 from zenjax.engine import Engine
 from zenjax.sampling import SamplingParams
 
@@ -94,6 +94,8 @@ def main(argv=None):
     ap.add_argument("--contexts", default="8192,131072")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--batch8", default="", help="contexts for a second engine of batch 8 (run first)")
+    ap.add_argument("--ttft", default="", help="prompt lengths: time to first token on the batch-1 engine "
+                    "(prefill_chunk 8192, so a short prompt shows its prefill bucket)")
     add_model_args(ap)
     a = ap.parse_args(argv)
     cfg, attention = model_from_args(a)
@@ -104,9 +106,19 @@ def main(argv=None):
     ints = lambda s: [int(x) for x in s.split(",") if x]
     runs = ([(8, ints(a.batch8))] if a.batch8 else []) + [(a.batch, ints(a.contexts))]
     for batch, contexts in runs:
-        engine = make_engine(cfg, params, max(contexts) + 256, 256, attention, a.cache_dtype, batch)
+        engine = make_engine(cfg, params, max(contexts) + 256, 8192, attention, a.cache_dtype, batch)
         out["rows"] += measure(engine, contexts, warm)
         write_json(f"decode{'_dca' if a.dca else ''}_b{a.batch}.json", out)
+        if batch == a.batch and a.ttft:
+            out["ttft"] = []
+            for L in (L for L in ints(a.ttft) if L < engine.engine_config.max_model_len):
+                ids = [1 + i % 1000 for i in range(L)]
+                first = ttft(engine, ids)                       # compiles this length's bucket
+                row = dict(tokens=L, bucket=next(b for b in engine.runner.buckets if b >= min(L, 8192)),
+                           ttft_s=round(ttft(engine, ids), 4), first_call_s=round(first, 2))
+                print(row, flush=True)
+                out["ttft"].append(row)
+            write_json(f"decode{'_dca' if a.dca else ''}_b{a.batch}.json", out)
         del engine
         gc.collect()
 
