@@ -3,7 +3,8 @@
     PYTHONPATH=. python3 benchmarks/decode.py --contexts 8192,131072 [--batch 1] [--dca --attention pallas]
     PYTHONPATH=. python3 benchmarks/decode.py --contexts 8192,131072,1048576 --batch 1 --batch8 8192 ...
 
-Bytes per step = layer weights + lm_head (V x D) + the K/V cache of every sequence up to its context;
+Bytes per step = layer weights + lm_head (V x D) + the K/V cache of every sequence up to its context
+(an e4m3 cache: 1 byte per element + a float32 scale per token and kv head);
 TB/s = bytes / step time, reported as % of the copy bandwidth measured in the same run (common.ceilings:
 the best of several copies, see there) and of the datasheet. The cache is not prefilled (its contents do
 not change the cost): `engine.assume_prefilled` sets the positions as if it were. One engine, its cache
@@ -71,8 +72,9 @@ def measure(engine: Engine, contexts, warm: dict, steps: int = 32, calls: int = 
             for s in slots:
                 engine.release(s)
             continue
-        itemsize = 1 if "float8" in ec.cache_dtype else 2
-        kv = 2 * cfg.num_layers * len(slots) * ctx * cfg.num_kv_heads * cfg.head_dim * itemsize
+        fp8 = "float8" in ec.cache_dtype           # e4m3 values + one float32 scale per (token, kv head)
+        per_head = cfg.head_dim + 4 if fp8 else 2 * cfg.head_dim
+        kv = 2 * cfg.num_layers * len(slots) * ctx * cfg.num_kv_heads * per_head
         by = 2 * layer_params(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + kv
         dt = per["block"]
         row = dict(context=ctx, batch=len(slots), cache_len=engine.cache_len, dca=cfg.dca is not None,
@@ -94,6 +96,7 @@ def main(argv=None):
     ap.add_argument("--contexts", default="8192,131072")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--batch8", default="", help="contexts for a second engine of batch 8 (run first)")
+    ap.add_argument("--fp8", default="", help="contexts for a last engine of batch 1 with an e4m3 cache")
     ap.add_argument("--ttft", default="", help="prompt lengths: time to first token on the batch-1 engine "
                     "(prefill_chunk 8192, so a short prompt shows its prefill bucket)")
     add_model_args(ap)
@@ -104,15 +107,21 @@ def main(argv=None):
     params = random_params(cfg)
     out = {"ceilings": warm, "rows": []}
     ints = lambda s: [int(x) for x in s.split(",") if x]
-    runs = ([(8, ints(a.batch8))] if a.batch8 else []) + [(a.batch, ints(a.contexts))]
-    for batch, contexts in runs:
-        engine = make_engine(cfg, params, max(contexts) + 256, 8192, attention, a.cache_dtype, batch)
+    runs = (([(8, ints(a.batch8), a.cache_dtype)] if a.batch8 else []) + [(a.batch, ints(a.contexts), a.cache_dtype)]
+            + ([(1, ints(a.fp8), "float8_e4m3fn")] if a.fp8 else []))
+    for run, (batch, contexts, cache_dtype) in enumerate(runs):
+        try:
+            engine = make_engine(cfg, params, max(contexts) + 256, 8192, attention, cache_dtype, batch)
+        except Exception as e:  # e.g. out of memory: keep the other engines' rows
+            print(f"engine batch {batch} {cache_dtype} failed: {e!r}"[:600], flush=True)
+            out["rows"].append(dict(batch=batch, cache_dtype=cache_dtype, error=repr(e)[:400]))
+            continue
         out["rows"] += measure(engine, contexts, warm)
         write_json(f"decode{'_dca' if a.dca else ''}_b{a.batch}.json", out)
-        if batch == a.batch and a.ttft:
+        if run == len(runs) - 1 - bool(a.fp8) and a.ttft:
             out["ttft"] = []
             for L in (L for L in ints(a.ttft) if L < engine.engine_config.max_model_len):
-                ids = [1 + i % 1000 for i in range(L)]
+                ids = [1 + i % (cfg.vocab_size - 1) for i in range(L)]
                 first = ttft(engine, ids)                       # compiles this length's bucket
                 row = dict(tokens=L, bucket=next(b for b in engine.runner.buckets if b >= min(L, 8192)),
                            ttft_s=round(ttft(engine, ids), 4), first_call_s=round(first, 2))
