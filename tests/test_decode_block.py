@@ -173,4 +173,10 @@ def test_prefill_buckets():
     e.logits(ids[:5])                                       # a 256 step again: no new compile
     assert e.trace_counts["prefill_all_logits"] == 2
     one = Engine(plain, PARAMS, dataclasses.replace(ec, prefill_chunk=700), verbose=False).logits(ids)
+    # warmup() compiles every bucket's prefill step and the decode step; later prompts compile nothing
+    w = Engine(plain, PARAMS, ec, verbose=False)
+    w.warmup()
+    assert (w.trace_counts["prefill"], w.trace_counts["decode"]) == (2, 1)
+    w.generate(ids[:300], SamplingParams(max_new_tokens=3))
+    assert (w.trace_counts["prefill"], w.trace_counts["decode"]) == (2, 1)
     assert float(np.abs(got - one).max() / np.abs(one).max()) < 1e-5    # float32: summation order only

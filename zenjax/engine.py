@@ -195,6 +195,20 @@ class Engine:
     def release(self, slot: int) -> None:
         self._seqs.pop(slot, None)
 
+    def warmup(self, slot: int = 0) -> None:
+        """Compile every step a request can use (one prompt per prefill bucket, then a decode call), so
+        no request pays a compile (~10 s per bucket on the H200). The slot must be free; it is released."""
+        top = self.engine_config.max_model_len - 2
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        for b in self.runner.buckets:
+            self.start(slot, [0] * min(b, top), params)
+            try:
+                while self.prefill_next(slot) is None:
+                    pass
+                self.decode([slot])
+            finally:
+                self.release(slot)
+
     # ---------------------------------------------------------------- high level
     def logits(self, ids: Sequence[int], slot: int = 0) -> np.ndarray:
         """[len(ids), V] float32 logits of a short input (computes all rows; research use)."""
