@@ -2,6 +2,7 @@
 the device, the two ceilings (matmul rate, copy bandwidth) measured in the same run, and timing."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -94,15 +95,82 @@ def bench(f, *args, reps: int = 10, inner: int = 1) -> float:
     return float(np.median(times))
 
 
+DATASHEET_TBS = {"H200": 4.8, "H100": 3.35}      # HBM bandwidth by the vendor's datasheet
+
+
+def datasheet_tbs() -> float | None:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in DATASHEET_TBS.items() if k in kind), None)
+
+
+def _pallas_copy(x, block=(1, 8192), interpret=False):
+    """A trivial Pallas kernel: each program copies one [1, 8192] bf16 row (16 KiB) of x, a typical
+    Triton copy tile; a 1-D grid (CUDA limits the second grid dimension to 65535)."""
+    from jax.experimental import pallas as pl
+    R, C = x.shape
+    spec = pl.BlockSpec(block, lambda i: (i, 0))
+    return pl.pallas_call(lambda i_ref, o_ref: o_ref.__setitem__(Ellipsis, i_ref[...]),
+                          out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          grid=(R // block[0],), in_specs=[spec], out_specs=spec,
+                          interpret=interpret)(x)
+
+
+def copy_bandwidth(small: bool = False) -> dict:
+    """Device copy bandwidth (bytes read + written per second), several ways, all measured now; the
+    ceiling is the best of them. Why several: the old figure (jnp `x + 1` over one 1-D 2 GiB array,
+    one call per sync) read 2.57-2.75 TB/s on the H200 while a torch device copy moves ~4.3 TB/s there,
+    so decode rows were printed at over 100% "of copy bandwidth".
+
+    loop10: ten in-place passes `x = x + 1` inside ONE jitted fori_loop over a donated 4 GiB [R, 8192]
+    array: no dispatch or allocation in the timed region, and the buffer is 70x the 60 MB L2.
+    """
+    R, C = (64, 8192) if small else (262144, 8192)           # 4 GiB bf16 on the GPU
+    nbytes = 2 * R * C
+    out = {}
+    x = jax.jit(lambda: jnp.ones((R, C), jnp.bfloat16))()
+
+    def loop10(x):
+        # the barrier keeps XLA from unrolling the loop and fusing ten adds into one pass
+        return jax.lax.fori_loop(0, 10, lambda i, y: jax.lax.optimization_barrier(y + jnp.bfloat16(1)), x)
+
+    f = jax.jit(loop10, donate_argnums=0)
+    x = f(x)
+    jax.block_until_ready(x)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x = f(x)
+        jax.block_until_ready(x)
+        times.append(time.perf_counter() - t0)
+    out["jax_loop10_tbs"] = round(10 * 2 * nbytes / float(np.median(times)) / 1e12, 3)
+    out["jax_add_2d_tbs"] = round(2 * nbytes / bench(jax.jit(lambda y: y + 1), x, inner=10) / 1e12, 3)
+    flat = x.reshape(-1)
+    out["jax_add_1d_old_tbs"] = round(2 * nbytes / bench(jax.jit(lambda y: y + 1), flat) / 1e12, 3)
+    del flat
+    try:
+        copy = jax.jit(functools.partial(_pallas_copy, interpret=jax.default_backend() == "cpu"))
+        if not bool(jnp.array_equal(copy(x), x)):
+            raise AssertionError("pallas copy is wrong")
+        out["pallas_copy_tbs"] = round(2 * nbytes / bench(copy, x, inner=10) / 1e12, 3)
+    except Exception as e:  # a lowering problem must not lose the other ceilings
+        out["pallas_copy_error"] = repr(e)[:300]
+    del x
+    # a figure above the datasheet means a variant did less work than counted: report it, never use it
+    sheet = datasheet_tbs()
+    usable = {k: v for k, v in out.items() if k.endswith("_tbs") and (sheet is None or v <= 1.02 * sheet)}
+    out["copy_tbs"] = max(usable.values())
+    out["copy_from"] = max(usable, key=usable.get)
+    return out
+
+
 def ceilings(small: bool = False) -> dict:
     """Matmul TFLOP/s (8192^3 bf16) and device copy bandwidth (bytes read + written), measured now."""
-    n, m = (512, 1 << 20) if small else (8192, 1 << 30)        # 2 GiB copy on the GPU
+    n = 512 if small else 8192
     a = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     t = bench(jax.jit(lambda x: x @ x), a)
-    x = jax.random.normal(jax.random.key(2), (m,), jnp.bfloat16)
-    tc = bench(jax.jit(lambda x: x + 1), x)
-    del x
-    return {"matmul_tflops": round(2 * n**3 / t / 1e12, 4), "copy_tbs": round(2 * 2 * m / tc / 1e12, 3)}
+    out = {"matmul_tflops": round(2 * n**3 / t / 1e12, 4), **copy_bandwidth(small)}
+    out["datasheet_tbs"] = datasheet_tbs()
+    return out
 
 
 def peak_memory_gib() -> float:

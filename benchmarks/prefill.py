@@ -37,11 +37,12 @@ def make_engine(cfg, params, max_len: int, chunk: int, attention: str, cache_dty
 
 
 def measure(engine: Engine, lengths, warm: dict, on_row=None) -> list[dict]:
-    """TTFT rows for each length; the first call (one chunk) compiles the step and is timed as warmup_s.
+    """TTFT rows for each length; the warm-up (one prompt per prefill bucket: compiles every step size a
+    length can use, e.g. a DCA boundary's short piece) is timed as warmup_s.
     on_row(rows) is called after each length, so a long run that is cut off keeps what it measured."""
     cfg, ec = engine.config, engine.engine_config
-    warmup = ttft(engine, [1] * min(min(lengths), ec.prefill_chunk))          # compile
-    print(f"warm-up (compile + one chunk): {warmup:.1f} s", flush=True)
+    warmup = sum(ttft(engine, [1] * min(b, ec.max_model_len - 1)) for b in engine.runner.buckets)
+    print(f"warm-up (compile + one prompt per prefill bucket {engine.runner.buckets}): {warmup:.1f} s", flush=True)
     rows = []
     for L in lengths:
         ids = list(np.random.RandomState(L).randint(0, cfg.vocab_size, L))

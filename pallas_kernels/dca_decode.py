@@ -54,10 +54,30 @@ START_COST_TILES = 4
 FALLBACK_NUM_SMS = 132                                               # H100 SXM
 
 
+class _ScaledRef:
+    """An e4m3 K or V ref [S, H] with its float32 per-key scales [S], read as `dtype` tile by tile:
+    `ref[rows, :]` loads the e4m3 tile and its scales and returns x8 * scale in registers, so the kernel
+    streams 1 byte (+ 4 / H for the scale) per element from HBM and no dequantized copy of the cache
+    exists. Same arithmetic as zenjax.model.dequantize_fp8 (float32 product, then cast)."""
+
+    def __init__(self, ref, scale_ref, dtype):
+        self.ref, self.scale_ref, self.dtype, self.shape = ref, scale_ref, dtype, ref.shape
+
+    def __getitem__(self, idx):
+        rows = idx[0]
+        x = self.ref[idx].astype(jnp.float32)
+        return (x * self.scale_ref[rows][:, None]).astype(self.dtype)
+
+
 def _decode_kernel(q_start_ref, kv_len_ref, *refs, n_variants, num_splits, block_k, chunk_len,
-                   seq_len, num_queries, group, scale, loop):
+                   seq_len, num_queries, group, scale, loop, fp8=False):
     q_refs = refs[:n_variants]
-    k_ref, v_ref, o_ref, lse_ref = refs[n_variants:]
+    if fp8:
+        k8_ref, v8_ref, ks_ref, vs_ref, o_ref, lse_ref = refs[n_variants:]
+        dtype = q_refs[0].dtype
+        k_ref, v_ref = _ScaledRef(k8_ref, ks_ref, dtype), _ScaledRef(v8_ref, vs_ref, dtype)
+    else:
+        k_ref, v_ref, o_ref, lse_ref = refs[n_variants:]
     split = pl.program_id(0)
     rows = o_ref.shape[0]
     q_start = q_start_ref[...]
@@ -142,12 +162,12 @@ def _single_loop(q_refs, k_ref, v_ref, carry, *, q_start, one_position, row_pos,
 
 @functools.partial(jax.jit, static_argnames=("chunk_len", "block_k", "num_splits", "num_warps",
                                              "num_stages", "loop", "interpret"))
-def _dca_decode(q3, k, v, q_start, kv_len, **static):
+def _dca_decode(q3, k, v, q_start, kv_len, k_scale=None, v_scale=None, **static):
     """The kernel's split partials merged by LSE: (out [B,T,N,H] q.dtype, lse [B,T,N] f32)."""
     R, B, T, N, H = q3.shape
     K = k.shape[2]
     G = N // K
-    o_part, lse_part = _decode_partials(q3, k, v, q_start, kv_len, **static)
+    o_part, lse_part = _decode_partials(q3, k, v, q_start, kv_len, k_scale=k_scale, v_scale=v_scale, **static)
     out, lse = lse_merge(o_part, lse_part, axis=0)                  # [B, K, rows, H], [B, K, rows]
     out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
     lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
@@ -155,7 +175,7 @@ def _dca_decode(q3, k, v, q_start, kv_len, **static):
 
 
 def _decode_partials(q3, k, v, q_start, kv_len, *, chunk_len, block_k, num_splits, num_warps, num_stages,
-                     interpret, loop=DEFAULT_LOOP):
+                     interpret, loop=DEFAULT_LOOP, k_scale=None, v_scale=None):
     """The Pallas call alone: per-split (o [splits, B, K, rows, H], lse [splits, B, K, rows]) float32."""
     if loop not in LOOPS:
         raise ValueError(f"loop={loop!r} must be one of {LOOPS}")
@@ -169,17 +189,24 @@ def _decode_partials(q3, k, v, q_start, kv_len, *, chunk_len, block_k, num_split
     # K/V are never copied: when S is not a multiple of block_k the block is rounded up to whole tiles
     # and the kernel loads the rows past S masked (interpret mode pads the block itself).
     Sp = -(-S // block_k) * block_k
+    fp8 = k_scale is not None
+    if fp8 and S % block_k:
+        raise ValueError(f"dca_decode: an e4m3 cache needs S={S} to be a multiple of block_k={block_k}")
     kernel = functools.partial(_decode_kernel, n_variants=R, num_splits=num_splits, block_k=block_k,
                                chunk_len=chunk_len, seq_len=S, num_queries=T, group=G,
-                               scale=H ** -0.5, loop=loop)
+                               scale=H ** -0.5, loop=loop, fp8=fp8)
     scalar_spec = pl.BlockSpec((None,), lambda j, h, b: (b,))
     q_specs = [pl.BlockSpec((None, None, None, rows, H), lambda j, h, b, r=r: (r, b, h, 0, 0))
                for r in range(R)]
     kv_spec = pl.BlockSpec((None, Sp, None, H), lambda j, h, b: (b, 0, h, 0))
+    scale_specs, scales = [], []
+    if fp8:                                   # [B, S, K] float32 -> the [S] scales of one (row, kv head)
+        scale_specs = [pl.BlockSpec((None, Sp, None), lambda j, h, b: (b, 0, h))] * 2
+        scales = [k_scale, v_scale]
     o_part, lse_part = pl.pallas_call(
         kernel,
         grid=(num_splits, K, B),
-        in_specs=[scalar_spec, scalar_spec, *q_specs, kv_spec, kv_spec],
+        in_specs=[scalar_spec, scalar_spec, *q_specs, kv_spec, kv_spec, *scale_specs],
         out_specs=[pl.BlockSpec((None, None, None, rows, H), lambda j, h, b: (j, b, h, 0, 0)),
                    pl.BlockSpec((None, None, None, rows), lambda j, h, b: (j, b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct((num_splits, B, K, rows, H), jnp.float32),
@@ -187,7 +214,7 @@ def _decode_partials(q3, k, v, q_start, kv_len, *, chunk_len, block_k, num_split
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="dca_decode",
-    )(q_start, kv_len, *([qg] * R), k, v)
+    )(q_start, kv_len, *([qg] * R), k, v, *scales)
     return o_part, lse_part
 
 
@@ -230,12 +257,14 @@ def default_num_splits(batch: int, kv_heads: int, seq_len: int, block_k: int,
 
 def dca_decode(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_k: int = 64,
                num_splits: int | None = None, num_warps: int = 2, num_stages: int = 3,
-               interpret: bool | None = None, loop: str | None = None):
+               interpret: bool | None = None, loop: str | None = None, k_scale=None, v_scale=None):
     """Attention of a few queries per sequence (T small, typically 1) against the cache, DCA or plain.
 
     Same contract as `pallas_kernels.dca_prefill.dca_prefill`: q [3,B,T,N,H] (DCA, chunk_len = s) or
     [B,T,N,H] (plain); k, v [B,S,K,H]; q_start, kv_len [B] int32; query t sits at q_start + t and sees
     keys j <= q_start + t, j < kv_len. Returns (out [B,T,N,H] in q's dtype, lse [B,T,N] float32).
+    An e4m3 cache: k, v float8_e4m3fn with k_scale, v_scale [B,S,K] float32 (x = x8 * scale); the kernel
+    reads them directly (see `_ScaledRef`); S must then be a multiple of block_k.
     T must be < s (the queries span at most two DCA chunks). num_splits=None picks
     `default_num_splits`; loop=None picks DEFAULT_LOOP (one of LOOPS, see there).
     """
@@ -255,8 +284,12 @@ def dca_decode(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_
         raise ValueError(f"loop={loop!r} must be one of {LOOPS}")
     if interpret is None:
         interpret = default_interpret()
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("dca_decode: give both k_scale and v_scale, or neither")
+    if k_scale is not None and (k_scale.shape != k.shape[:3] or v_scale.shape != v.shape[:3]):
+        raise ValueError(f"dca_decode: scales {k_scale.shape}, {v_scale.shape} must be [B, S, K] = {k.shape[:3]}")
     return _dca_decode(q3, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32),
-                       chunk_len=chunk_len, block_k=block_k, num_splits=num_splits,
+                       k_scale, v_scale, chunk_len=chunk_len, block_k=block_k, num_splits=num_splits,
                        num_warps=num_warps, num_stages=num_stages, loop=loop, interpret=interpret)
 
 

@@ -39,14 +39,11 @@ class PacedEngine:
             from zenjax.tokenizer import Tokenizer
             self.tokenizer = Tokenizer.from_dir(DEFAULT_CHECKPOINT)
         self.step_s = step_s
-        self.load_gate = load_gate          # warmup's first start() waits for it ("still loading")
+        self.load_gate = load_gate          # warmup() waits for it ("still loading")
         self.seqs: dict[int, _Seq] = {}
         self.started: list[list[int]] = []
 
     def start(self, slot, ids, params):
-        if self.load_gate is not None:
-            self.load_gate.wait(120)
-            self.load_gate = None
         self.started.append(list(ids))
         self.seqs[slot] = _Seq(ids, params)
         return self.seqs[slot]
@@ -57,9 +54,27 @@ class PacedEngine:
         seq.prefilled = min(seq.prefilled + self.engine_config.prefill_chunk, seq.prompt_len)
         return seq.prompt_len if seq.prefilled == seq.prompt_len else None
 
+    def warmup(self):
+        """The engine compiles its steps here; the double only waits for `load_gate` ("still loading")."""
+        if self.load_gate is not None:
+            self.load_gate.wait(120)
+            self.load_gate = None
+
     def decode(self, slots):
         time.sleep(self.step_s)
         return [self.seqs[s].out[-1] + 1 for s in slots]
+
+    decode_block = 4
+
+    def decode_steps(self, slots, n):
+        """Like the engine: up to n tokens per slot in one paced call, fewer where max_new_tokens ends it."""
+        time.sleep(self.step_s)
+        out = {}
+        for s in slots:
+            seq = self.seqs[s]
+            left = seq.params.max_new_tokens - len(seq.out)
+            out[s] = [seq.out[-1] + 1 + i for i in range(min(n, left))]
+        return out
 
     def release(self, slot):
         self.seqs.pop(slot, None)

@@ -157,7 +157,7 @@ def test_cli_dca_override(tmp_path, capsys):
                  "--name", "x"]) == 0
     r = json.loads((tmp_path / "x.json").read_text())
     assert r["dca"] == {"chunk_size": 256, "local_size": 32, "original_max_position_embeddings": 2048}
-    assert r["prefill_chunk"] == 224          # capped at s = 256 - 32: larger pieces would only pad
+    assert r["prefill_chunk"] == 2048         # as given: the engine's buckets stop at s = 256 - 32 itself
     capsys.readouterr()
     assert main(["passkey", "--lengths", "384", "--dca", "256,x"]) == 2
     assert "256,x" in capsys.readouterr().err

@@ -53,9 +53,24 @@ class ScriptedEngine:
         seq.prefilled = min(seq.prefilled + self.engine_config.prefill_chunk, seq.prompt_len)
         return seq.prompt_len if seq.prefilled == seq.prompt_len else None
 
-    def decode(self, slots):
+    def warmup(self):                             # the server's warm-up: nothing to compile here
+        self.calls.append(("warmup",))
+
+    def decode(self, slots):                      # one step
         self.calls.append(("decode", tuple(slots)))
         return [self.seqs[s].out[-1] + 1 for s in slots]
+
+    decode_block = 4
+
+    def decode_steps(self, slots, n):
+        """Like the engine: up to n tokens per slot, fewer where max_new_tokens ends the sequence."""
+        self.calls.append(("decode", tuple(slots)) if n == 1 else ("decode", tuple(slots), n))
+        out = {}
+        for s in slots:
+            seq = self.seqs[s]
+            left = seq.params.max_new_tokens - len(seq.out)
+            out[s] = [seq.out[-1] + 1 + i for i in range(min(n, left))]
+        return out
 
     def release(self, slot):
         self.calls.append(("release", slot))
@@ -260,3 +275,39 @@ def test_dca_and_cache_dtype_flags():
     for bad in ("x", "64,64,64", "1,2"):
         with pytest.raises(SystemExit):
             config_from_args(["--dca", bad])
+
+
+def test_decode_runs_blocks_when_nothing_prefills_and_one_step_while_something_does():
+    eng = ScriptedEngine(max_batch=2, prefill_chunk=4)
+    sch = Scheduler(eng, max_queue=4)
+    a = _req("a", 3, max_new=10)
+    sch.submit(a)
+    sch.step()                                    # prefill (first token) + a block of decode_block = 4
+    assert eng.calls[-1] == ("decode", (0,), 4)
+    assert [e.token_ids for e in _drain(a) if isinstance(e, Delta)] == [(3,), (4,), (5,), (6,), (7,)]
+    b = _req("b", 8, max_new=2)                   # two chunks: while it prefills, decode runs one step
+    sch.submit(b)
+    sch.step()
+    assert eng.calls[-2:] == [("prefill", 1), ("decode", (0,))]
+    sch.step()                                    # b's last chunk -> b decodes too; nothing prefills now
+    assert eng.calls[-4:] == [("prefill", 1), ("decode", (0, 1), 4), ("release", 0), ("release", 1)]
+    # a: 10 tokens in all (the block ended it exactly); b: its prefill token + one decode token, then
+    # released although its block had room for 3 more (the engine stops the slot at max_new_tokens)
+    evs_a, evs_b = _drain(a), _drain(b)
+    assert [e.token_ids[0] for e in evs_a if isinstance(e, Delta)] == [8, 9, 10, 11, 12]
+    assert [e.token_ids[0] for e in evs_b if isinstance(e, Delta)] == [8, 9]
+    assert isinstance(evs_b[-1], Finished) and evs_b[-1].usage.generated_tokens == 2
+    assert isinstance(evs_a[-1], Finished) and evs_a[-1].usage.generated_tokens == 10 and sch.idle()
+
+
+def test_cancel_takes_effect_within_one_block():
+    eng = ScriptedEngine(max_batch=1, prefill_chunk=4)
+    sch = Scheduler(eng, max_queue=4)
+    a = _req("a", 3, max_new=100)
+    sch.submit(a)
+    sch.step()
+    a.cancel()
+    sch.step()                                    # reaped before any further decode call
+    evs = _drain(a)
+    assert isinstance(evs[-1], Finished) and evs[-1].reason == "cancelled"
+    assert evs[-1].usage.generated_tokens == 1 + eng.decode_block and eng.calls[-1] == ("release", 0)

@@ -75,8 +75,15 @@ def reference_attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCACon
     return out, lse.reshape(B, N, T).transpose(0, 2, 1)
 
 
-def attention(q, k_cache, v_cache, *, q_start, kv_len, impl: str, dca: DCAConfig | None = None):
-    """Dispatch to one implementation; see the module docstring for the contract."""
+def attention(q, k_cache, v_cache, *, q_start, kv_len, impl: str, dca: DCAConfig | None = None,
+              k_scale=None, v_scale=None):
+    """Dispatch to one implementation; see the module docstring for the contract. An e4m3 cache comes
+    with its [B,S,K] float32 scales: the pallas path reads it in the decode kernel; the others get a
+    dequantized copy in q's dtype (zenjax.model.dequantize_fp8)."""
+    if k_scale is not None and impl != "pallas":
+        from zenjax.model import dequantize_fp8
+        k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
+        k_scale = v_scale = None
     if impl == "reference":
         out, _ = reference_attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca)
         return out.astype(q.dtype)
@@ -85,5 +92,6 @@ def attention(q, k_cache, v_cache, *, q_start, kv_len, impl: str, dca: DCAConfig
         return attention_cudnn.attention(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca)
     if impl == "pallas":
         from zenjax import attention_pallas
-        return attention_pallas.attention(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca)
+        return attention_pallas.attention(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca,
+                                          k_scale=k_scale, v_scale=v_scale)
     raise ValueError(f"attention impl={impl!r}: expected reference, cudnn or pallas")

@@ -57,14 +57,21 @@ def _block(cap: int, chunk_len: int | None, what: str) -> int:
 
 
 def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
-                  interpret: bool | None = None):
-    """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the Pallas kernels."""
+                  interpret: bool | None = None, k_scale=None, v_scale=None):
+    """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the Pallas kernels. An e4m3 cache
+    (k_scale, v_scale [B,S,K]) is read directly by the decode kernel; prefill dequantizes it first."""
     chunk_len = None if dca is None else dca.chunk_len
     T = q.shape[-3]
     if T <= DECODE_MAX_T and (chunk_len is None or T < chunk_len):
-        return dca_decode(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len,
-                          block_k=_block(DECODE_BLOCK_K, chunk_len, "decode key"), num_warps=DECODE_WARPS,
-                          num_stages=DECODE_STAGES, interpret=interpret)
+        block_k = _block(DECODE_BLOCK_K, chunk_len, "decode key")
+        if k_scale is None or k_cache.shape[1] % block_k == 0:
+            return dca_decode(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
+                              num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, interpret=interpret,
+                              k_scale=k_scale, v_scale=v_scale)
+    if k_scale is not None:
+        from zenjax.model import dequantize_fp8
+        k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
+        return attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca, interpret=interpret)
     if _use_mgpu(q, interpret) and (chunk_len is None or chunk_len % 64 == 0):
         from pallas_kernels.dca_prefill_mgpu import dca_prefill_mgpu
         block_k = MGPU_BLOCK_K if chunk_len is None or chunk_len % MGPU_BLOCK_K == 0 else 64
@@ -78,7 +85,9 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
                        num_stages=PREFILL_STAGES, interpret=interpret)
 
 
-def attention(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None):
+def attention(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None, k_scale=None,
+              v_scale=None):
     """The dispatcher's entry point: the attention output [B,T,N,H] in q's dtype."""
-    out, _ = attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca)
+    out, _ = attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca, k_scale=k_scale,
+                           v_scale=v_scale)
     return out

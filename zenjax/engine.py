@@ -1,33 +1,31 @@
-"""The engine: a loaded model, its KV cache, the jitted steps, and host-side sequence bookkeeping.
+"""The engine: a loaded model behind a slot API, and one-call generation on top of it.
 
 Data flow of one request (`engine.generate`, or the server's scheduler driving the same calls):
 
-    prompt (text | ids | chat messages) --encode_prompt--> ids
-    start(slot, ids, params)       host: plan prefill pieces; device: reset the slot's sampler state
-    prefill_next(slot) x pieces    device: one jitted step per piece of <= prefill_chunk tokens, padded
-                                   to prefill_chunk, writing K/V into the slot's cache rows; the last
-                                   piece returns the last row's logits -> first token sampled on device
-    decode(slots) until finished   device: one jitted step for all slots (inactive ones write nothing),
-                                   sampling on device; host: seq.append(token) detokenizes incrementally
-                                   and checks EOS / stop strings / max_new_tokens
-    release(slot)                  the slot's cache rows are simply overwritten by the next request
+    prompt (text | ids | chat messages) --encode_prompt (prompt.py)--> ids
+    start(slot, ids, params)      host: a SequenceState (sequence.py: prefill plan, text stream);
+                                  device: the slot's sampler and decode rows (runner.py)
+    prefill_next(slot) x pieces   device: one jitted step per piece (<= prefill_chunk tokens, padded to the
+                                  smallest prefill bucket); after the last piece the first token is sampled
+                                  on the device and returned
+    decode_steps(slots, n)        device: ONE call of up to n decode steps for all slots, sampling and stop-id
+                                  / max_new_tokens checks on the device; host: seq.append(token) for each
+                                  token detokenizes and checks stop strings; a token past a finish is dropped
+    release(slot)                 the slot's cache rows are simply overwritten by the next request
+
+Who does what: runner.Runner owns the device (weights, cache, jitted steps, compiled shapes);
+sequence.SequenceState the host bookkeeping of one sequence; prompt.encode_prompt the prompt checks;
+textstream.TextStream the text. The Engine only routes between them; the scheduler uses only the slot API
+(start, prefill_next, decode_steps / decode, release) and the sequence fields named in SequenceState.
 
 Pieces never cross a DCA chunk boundary (multiples of s = chunk_size - local_size), so every prefill step
 sees queries of one DCA chunk (what the cuDNN DCA path relies on) at the cost of at most one extra step
 per DCA chunk.
-
-Compiled shapes (the whole list; see `compiled_shapes`): prefill [1, prefill_chunk] with last-row logits,
-the same with all-row logits (only for `engine.logits`, research use), decode [max_batch, 1], and two
-tiny sampler updates. The cache is [max_batch, cache_len, K, H] per layer for k and v (cache_len =
-max_model_len rounded up to CACHE_ALIGN = 128), allocated once
-and donated to every step.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -35,18 +33,16 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config, with_dca
-from zenjax.model import KVCache, Qwen2, StepInputs
-from zenjax.sampling import SamplerState, SamplingParams, sample, slot_values
-from zenjax.sharding import CACHE_AXES, make_mesh, sharding_for
+from zenjax.prompt import encode_prompt
+from zenjax.runner import CACHE_ALIGN, DECODE_BLOCK, Runner  # noqa: F401  (re-exported)
+from zenjax.sampling import SamplingParams, slot_values
+from zenjax.sequence import IdStream as _IdStream, SequenceState, prefill_plan, stop_ids_for, text_stream  # noqa: F401
+from zenjax.sharding import make_mesh, sharding_for
+from zenjax.tokenizer import PromptError  # noqa: F401  (one error class for every bad prompt)
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "default"
-
-
-from zenjax.tokenizer import PromptError  # noqa: E402  (one error class for every bad prompt)
 
 
 @dataclasses.dataclass
@@ -59,59 +55,11 @@ class GenerationResult:
     total_s: float
 
 
-class SequenceState:
-    """Host-side state of one sequence in a slot."""
-
-    def __init__(self, engine: "Engine", slot: int, prompt_ids: list[int], params: SamplingParams):
-        self.slot, self.prompt_ids, self.params = slot, list(prompt_ids), params
-        self.prompt_len = len(prompt_ids)
-        self.plan = engine.prefill_plan(self.prompt_len)
-        self.prefilled = 0                 # prompt tokens already in the cache
-        self.position = self.prompt_len   # where the next decoded token's K/V goes
-        self.last_token: int | None = None
-        self.output_ids: list[int] = []
-        self.finish_reason: str | None = None
-        room = engine.engine_config.max_model_len - self.prompt_len
-        self.max_new_tokens = min(params.max_new_tokens, room)
-        self._stream = engine.text_stream(params, self.max_new_tokens)
-
-    @property
-    def prefill_done(self) -> bool:
-        return self.prefilled >= self.prompt_len
-
-    def append(self, token: int) -> tuple[str, str | None]:
-        """Record a generated token; returns (text delta, finish reason or None)."""
-        self.output_ids.append(int(token))
-        delta, reason = self._stream.push(int(token))
-        if reason is None and len(self.output_ids) >= self.max_new_tokens:
-            reason = "length"
-        if reason is not None:
-            self.finish_reason = reason
-            delta += self._stream.flush()
-        return delta, reason
-
-    @property
-    def text(self) -> str:
-        return self._stream.text
-
-
-class _IdStream:
-    """Stand-in for TextStream when the checkpoint has no tokenizer: no text, stop on stop ids."""
-
-    def __init__(self, stop_ids, max_new_tokens):
-        self.stop_ids, self.max_new, self.n, self.text = set(stop_ids), max_new_tokens, 0, ""
-
-    def push(self, token):
-        self.n += 1
-        if token in self.stop_ids:
-            return "", "stop"
-        return "", ("length" if self.n >= self.max_new else None)
-
-    def flush(self):
-        return ""
-
-
-CACHE_ALIGN = 128    # cache slots are a multiple of the Mosaic GPU prefill kernel's key tile
+@dataclasses.dataclass
+class DecodeCall:
+    """A dispatched decode call: its token array (device) and the sequences it decoded."""
+    out: jax.Array
+    seqs: dict[int, SequenceState]
 
 
 class Engine:
@@ -121,78 +69,22 @@ class Engine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.mesh = mesh if mesh is not None else make_mesh(1)
         self.max_batch = ec.max_batch
-        model = Qwen2(cfg, params)
-        self._graphdef, self._state = nnx.split(model)
-        cache_dtype = jnp.dtype(ec.cache_dtype)
-        # The cache holds max_model_len slots rounded up to CACHE_ALIGN: the Hopper prefill kernel walks
-        # 128-key tiles and would otherwise pad (copy) a whole layer's cache every step. The extra slots are
-        # never valid keys (kv_len <= max_model_len); the first one past the end is the write sentinel of
-        # padding rows. Example: max_model_len 1,010,000 -> 1,010,048 cache slots.
-        self.cache_len = -(-ec.max_model_len // CACHE_ALIGN) * CACHE_ALIGN
-        self.cache_bytes = KVCache.nbytes(cfg, ec.max_batch, self.cache_len, cache_dtype)
-        if verbose:
-            print(f"zenjax: KV cache {ec.max_batch} x {self.cache_len} tokens x {cfg.num_layers} layers, "
-                  f"{cache_dtype.name}: {self.cache_bytes / 2**30:.3f} GiB; attention={ec.attention}",
-                  file=sys.stderr)
-        self._cache = KVCache.zeros(cfg, ec.max_batch, self.cache_len, cache_dtype,
-                                    sharding_for(CACHE_AXES, self.mesh))
-        # placed on the mesh from the start so the first step's output has the same type as its input
-        # (otherwise every step function compiles a second time)
-        self._sampler = jax.device_put(SamplerState.empty(ec.max_batch, cfg.vocab_size),
-                                       NamedSharding(self.mesh, PartitionSpec()))
+        self.runner = Runner(cfg, params, ec, self.mesh, verbose=verbose)
+        self.cache_len, self.cache_bytes = self.runner.cache_len, self.runner.cache_bytes
+        self.decode_block = self.runner.decode_block
         self._seqs: dict[int, SequenceState] = {}
-        self._build_steps()
 
-    # ---------------------------------------------------------------- jitted steps
-    def _build_steps(self):
-        graphdef, impl = self._graphdef, self.engine_config.attention
-        # Python bodies run only when JAX traces (compiles) them: this counts compilations per step.
-        self.trace_counts: collections.Counter = collections.Counter()
+    @property
+    def trace_counts(self):
+        return self.runner.trace_counts
 
-        def prefill(state, cache, inp, slot, last_row):
-            self.trace_counts["prefill"] += 1
-            model = nnx.merge(graphdef, state)
-            return model(inp, cache, impl=impl, slot=slot, logits_rows=last_row)
+    @property
+    def _cache(self):
+        return self.runner.cache
 
-        def prefill_all(state, cache, inp, slot):
-            self.trace_counts["prefill_all_logits"] += 1
-            model = nnx.merge(graphdef, state)
-            return model(inp, cache, impl=impl, slot=slot, logits_rows=None)
-
-        def decode(state, cache, sampler, inp):
-            self.trace_counts["decode"] += 1
-            model = nnx.merge(graphdef, state)
-            logits, cache = model(inp, cache, impl=impl, slot=None,
-                                  logits_rows=jnp.zeros((inp.tokens.shape[0],), jnp.int32))
-            tokens, new = sample(logits, sampler)
-            # only the slots in this step advance their PRNG key and seen-token set; a slot that is
-            # still prefilling must not (else a seeded request depends on its neighbours)
-            active = inp.write_pos[:, 0] < cache.k[0].shape[1]
-            sampler = jax.tree.map(lambda n, o: jnp.where(active.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                                   new, sampler)
-            return tokens, cache, sampler
-
-        def sample_slot(sampler, logits, slot):
-            row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampler)
-            token, row = sample(logits, row)
-            sampler = jax.tree.map(lambda a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis=0),
-                                   sampler, row)
-            return token[0], sampler
-
-        def set_slot(sampler, slot, values):
-            return jax.tree.map(lambda a, v: a.at[slot].set(v), sampler, SamplerState(**values))
-
-        self._prefill = jax.jit(prefill, donate_argnums=(1,))
-        self._prefill_all = jax.jit(prefill_all, donate_argnums=(1,))
-        self._decode = jax.jit(decode, donate_argnums=(1, 2))
-        self._sample_slot = jax.jit(sample_slot, donate_argnums=(0,))
-        self._set_slot = jax.jit(set_slot, donate_argnums=(0,))
-
-    def compiled_shapes(self) -> dict[str, tuple[int, int]]:
-        """The bounded set of step shapes [rows, tokens] this engine compiles."""
-        ec = self.engine_config
-        return {"prefill": (1, ec.prefill_chunk), "prefill_all_logits": (1, ec.prefill_chunk),
-                "decode": (ec.max_batch, 1)}
+    def compiled_shapes(self) -> dict[str, tuple]:
+        """The bounded set of step shapes this engine compiles (see zenjax/runner.py)."""
+        return self.runner.compiled_shapes()
 
     # ---------------------------------------------------------------- host helpers
     def prefill_plan(self, prompt_len: int) -> list[tuple[int, int]]:
@@ -200,80 +92,37 @@ class Engine:
 
         Example: prefill_chunk 8, DCA chunk_len s = 12, 30 tokens -> (0,8) (8,12) (12,20) (20,24) (24,30).
         """
-        chunk = self.engine_config.prefill_chunk
-        s = self.config.dca.chunk_len if self.config.dca else None
-        pieces, start = [], 0
-        while start < prompt_len:
-            end = min(start + chunk, prompt_len)
-            if s is not None:
-                end = min(end, (start // s + 1) * s)
-            pieces.append((start, end))
-            start = end
-        return pieces
+        return prefill_plan(prompt_len, self.engine_config.prefill_chunk,
+                            self.config.dca.chunk_len if self.config.dca else None)
 
     def temperature(self, length: int) -> float:
-        return self.config.dca.temperature(length) if self.config.dca else 1.0
+        return self.runner.temperature(length)
 
     def text_stream(self, params: SamplingParams, max_new_tokens: int):
-        stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
-        if self.tokenizer is None:
-            return _IdStream(stop_ids, max_new_tokens)
-        from zenjax.textstream import TextStream
-        return TextStream(self.tokenizer, stop=params.stop, stop_token_ids=stop_ids,
-                          max_new_tokens=max_new_tokens)
+        return text_stream(self.tokenizer, params, stop_ids_for(params, self.eos_token_ids), max_new_tokens)
 
     def encode_prompt(self, prompt) -> list[int]:
         """str -> tokenizer ids; list of ints -> checked ids; list of {role, content} -> chat template."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise PromptError("prompt: empty text")
-            if self.tokenizer is None:
-                raise PromptError("prompt: this checkpoint has no tokenizer; pass token ids")
-            ids = self.tokenizer.encode(prompt)
-        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            if self.tokenizer is None:
-                raise PromptError("messages: this checkpoint has no tokenizer/chat template")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True)
-        elif isinstance(prompt, (list, tuple, np.ndarray)):
-            ids = [int(t) for t in prompt]
-            bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-            if bad:
-                raise PromptError(f"prompt token ids: {bad[:5]} outside [0, {self.config.vocab_size})")
-        else:
-            raise PromptError(f"prompt: expected text, token ids or chat messages, got {type(prompt).__name__}")
-        if not ids:
-            raise PromptError("prompt: encodes to zero tokens")
-        if len(ids) >= self.engine_config.max_model_len:
-            raise PromptError(f"prompt: {len(ids)} tokens leave no room to generate within "
-                              f"max_model_len={self.engine_config.max_model_len}")
-        return list(ids)
-
-    def _inputs(self, tokens, q_start, kv_len, write_pos, temp) -> StepInputs:
-        return StepInputs(tokens=jnp.asarray(tokens, jnp.int32), q_start=jnp.asarray(q_start, jnp.int32),
-                          kv_len=jnp.asarray(kv_len, jnp.int32), write_pos=jnp.asarray(write_pos, jnp.int32),
-                          temp=jnp.asarray(temp, jnp.float32))
-
-    def _piece_inputs(self, ids: Sequence[int], start: int, end: int, total_len: int) -> StepInputs:
-        T = self.engine_config.prefill_chunk
-        n = end - start
-        tokens = np.zeros((1, T), np.int32)
-        tokens[0, :n] = ids[start:end]
-        write_pos = np.full((1, T), self.cache_len, np.int32)          # padding rows write nowhere
-        write_pos[0, :n] = np.arange(start, end)
-        return self._inputs(tokens, [start], [end], write_pos, [self.temperature(total_len)])
+        return encode_prompt(prompt, self.tokenizer, self.config.vocab_size, self.engine_config.max_model_len)
 
     # ---------------------------------------------------------------- slot API (the scheduler's)
     def start(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> SequenceState:
+        S = self.engine_config.max_model_len
         if not 0 <= slot < self.max_batch:
             raise ValueError(f"slot={slot} outside [0, {self.max_batch})")
         if slot in self._seqs:
             raise ValueError(f"slot={slot} is in use; release it first")
-        if not prompt_ids or len(prompt_ids) >= self.engine_config.max_model_len:
-            raise PromptError(f"prompt: {len(prompt_ids)} tokens; need 1..{self.engine_config.max_model_len - 1}")
-        seq = SequenceState(self, slot, prompt_ids, params)
+        if not prompt_ids or len(prompt_ids) >= S:
+            raise PromptError(f"prompt: {len(prompt_ids)} tokens; need 1..{S - 1}")
+        n = len(prompt_ids)
+        max_new = min(params.max_new_tokens, S - n)
+        stop_ids = stop_ids_for(params, self.eos_token_ids)
+        seq = SequenceState(slot, prompt_ids, params, plan=self.prefill_plan(n), max_new_tokens=max_new,
+                            stream=text_stream(self.tokenizer, params, stop_ids, max_new))
         # params.seed wins; an unseeded request draws a fresh seed
         values = slot_values(params, prompt_ids, self.config.vocab_size, int.from_bytes(os.urandom(4), "little"))
-        self._sampler = self._set_slot(self._sampler, jnp.int32(slot), values)
+        self.runner.set_row(slot, values, token=0, pos=n, prompt_len=n, remaining=max_new, live=False,
+                            stop_ids=stop_ids)
         self._seqs[slot] = seq
         return seq
 
@@ -283,46 +132,82 @@ class Engine:
     def prefill_next(self, slot: int) -> int | None:
         """Run the next prefill piece of `slot`; after the last one, sample and return the first token."""
         seq = self._seqs[slot]
-        start, end = next(p for p in seq.plan if p[1] > seq.prefilled)
-        inp = self._piece_inputs(seq.prompt_ids, start, end, seq.prompt_len)
-        last = end == seq.prompt_len
-        row = jnp.asarray([end - start - 1 if last else 0], jnp.int32)
-        logits, self._cache = self._prefill(self._state, self._cache, inp, jnp.int32(slot), row)
+        start, end = seq.next_piece()
+        logits = self.runner.prefill(slot, seq.prompt_ids, start, end)
         seq.prefilled = end
-        if not last:
+        if end < seq.prompt_len:
             return None
-        token, self._sampler = self._sample_slot(self._sampler, logits, jnp.int32(slot))
-        seq.last_token = int(token)
+        seq.last_token = self.runner.sample_first(slot, logits)
         return seq.last_token
+
+    def assume_prefilled(self, slot: int, context: int, token: int = 1) -> None:
+        """Benchmarks only: mark `slot` as if its prompt (`context` tokens) were prefilled and `token`
+        sampled, without running the prefill (decode cost does not depend on the cache's values)."""
+        seq = self._seqs[slot]
+        seq.prefilled = seq.prompt_len = context
+        seq.position, seq.last_token = context, int(token)
+        self.runner.set_row(slot, slot_values(seq.params, seq.prompt_ids, self.config.vocab_size, slot), token=token,
+                            pos=context, prompt_len=context, remaining=seq.max_new_tokens - 1, live=True,
+                            stop_ids=stop_ids_for(seq.params, self.eos_token_ids))
+
+    def decode_launch(self, slots: Sequence[int], n: int = DECODE_BLOCK) -> DecodeCall:
+        """Dispatch one device call of up to n decode steps for `slots` (each past prefill, not finished)
+        and return at once; `decode_collect` reads its tokens. A second call may be launched before the
+        first is collected: it continues from the first's device state."""
+        seqs = {}
+        for s in slots:
+            seq = self._seqs.get(s)
+            if seq is None or seq.last_token is None:
+                raise ValueError(f"slot {s} has not finished prefill")
+            if seq.finish_reason is not None:
+                raise ValueError(f"slot {s} has finished ({seq.finish_reason})")
+            seqs[s] = seq
+        return DecodeCall(self.runner.decode(list(slots), n), seqs)
+
+    def decode_collect(self, call: DecodeCall) -> dict[int, list[int]]:
+        """Tokens of a launched call per slot (fewer than n where the device saw a stop id or the
+        sequence's max_new_tokens); advances each sequence's position. Slots released or restarted since
+        the launch get nothing."""
+        out = np.asarray(call.out)                                        # [decode_block, B]; -1 = none
+        result = {}
+        for s, seq in call.seqs.items():
+            if self._seqs.get(s) is not seq:
+                continue
+            toks = [int(t) for t in out[:, s] if t >= 0]
+            if toks:
+                seq.position += len(toks)
+                seq.last_token = toks[-1]
+            result[s] = toks
+        return result
+
+    def decode_steps(self, slots: Sequence[int], n: int = DECODE_BLOCK) -> dict[int, list[int]]:
+        """Up to n decode steps for `slots` in one device call: {slot: tokens}."""
+        return self.decode_collect(self.decode_launch(slots, n))
 
     def decode(self, slots: Sequence[int]) -> list[int]:
         """One decode step for `slots` (each has finished prefill and not yet finished)."""
-        B, S = self.max_batch, self.engine_config.max_model_len
-        tokens = np.zeros((B, 1), np.int32)
-        pos = np.zeros((B,), np.int32)
-        write = np.full((B, 1), self.cache_len, np.int32)            # idle slots write nowhere
-        temp = np.ones((B,), np.float32)
-        for s in slots:
-            seq = self._seqs[s]
-            if seq.last_token is None:
-                raise ValueError(f"slot {s} has not finished prefill")
-            if seq.position >= S:
-                raise ValueError(f"slot {s} is full (max_model_len={S})")
-            tokens[s, 0], pos[s], write[s, 0] = seq.last_token, seq.position, seq.position
-            temp[s] = self.temperature(max(seq.prompt_len, seq.position + 1))
-        inp = self._inputs(tokens, pos, pos + 1, write, temp)
-        out, self._cache, self._sampler = self._decode(self._state, self._cache, self._sampler, inp)
-        out = np.asarray(out)
-        result = []
-        for s in slots:
-            seq = self._seqs[s]
-            seq.position += 1
-            seq.last_token = int(out[s])
-            result.append(seq.last_token)
-        return result
+        got = self.decode_steps(slots, 1)
+        if any(len(got[s]) != 1 for s in slots):
+            done = [s for s in slots if len(got[s]) != 1]
+            raise ValueError(f"slots {done} are finished (stop token or max_new_tokens reached)")
+        return [got[s][0] for s in slots]
 
     def release(self, slot: int) -> None:
         self._seqs.pop(slot, None)
+
+    def warmup(self, slot: int = 0) -> None:
+        """Compile every step a request can use (one prompt per prefill bucket, then a decode call), so
+        no request pays a compile (~10 s per bucket on the H200). The slot must be free; it is released."""
+        top = self.engine_config.max_model_len - 2
+        params = SamplingParams(max_new_tokens=2, ignore_eos=True)
+        for b in self.runner.buckets:
+            self.start(slot, [0] * min(b, top), params)
+            try:
+                while self.prefill_next(slot) is None:
+                    pass
+                self.decode([slot])
+            finally:
+                self.release(slot)
 
     # ---------------------------------------------------------------- high level
     def logits(self, ids: Sequence[int], slot: int = 0) -> np.ndarray:
@@ -330,16 +215,14 @@ class Engine:
         ids = self.encode_prompt(list(ids))
         if slot in self._seqs:
             raise ValueError(f"slot={slot} is in use")
-        out = []
-        for start, end in self.prefill_plan(len(ids)):
-            inp = self._piece_inputs(ids, start, end, len(ids))
-            logits, self._cache = self._prefill_all(self._state, self._cache, inp, jnp.int32(slot))
-            out.append(np.asarray(logits[0, : end - start]))
-        return np.concatenate(out, axis=0)
+        return np.concatenate([self.runner.prefill_all_logits(slot, ids, start, end)
+                               for start, end in self.prefill_plan(len(ids))], axis=0)
 
     def stream(self, prompt, params: SamplingParams | None = None, *, slot: int = 0,
                _result: dict | None = None) -> Iterator[str]:
-        """Yield text deltas of one generation."""
+        """Yield text deltas of one generation. Decode calls are pipelined: the next call is dispatched
+        before the host detokenizes the previous one's tokens, so the device never waits for the host
+        (a call launched after the sequence finished on the device returns at once, no steps run)."""
         params = params or SamplingParams()
         ids = self.encode_prompt(prompt)
         t0 = time.perf_counter()
@@ -349,13 +232,19 @@ class Engine:
             while token is None:
                 token = self.prefill_next(slot)
             ttft = time.perf_counter() - t0
-            while True:
-                delta, reason = seq.append(token)
-                if delta:
-                    yield delta
-                if reason is not None:
-                    break
-                token = self.decode([slot])[0]
+            delta, reason = seq.append(token)
+            if delta:
+                yield delta
+            pending = self.decode_launch([slot]) if reason is None else None
+            while reason is None:
+                ahead = self.decode_launch([slot])
+                for token in self.decode_collect(pending)[slot]:
+                    delta, reason = seq.append(token)
+                    if delta:
+                        yield delta
+                    if reason is not None:
+                        break
+                pending = ahead
             if _result is not None:
                 _result.update(seq=seq, ttft=ttft, total=time.perf_counter() - t0)
         finally:

@@ -184,10 +184,10 @@ class Qwen2(nnx.Module):
             q, k, v = qkv_projection(w, h)
             q, k = self._rotate(q, k, positions, inp.temp)
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
-            k_read, v_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
-                                                  new_k, new_v, new_ks, new_vs)
+            k_read, v_read, ks_read, vs_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
+                                                                    new_k, new_v, new_ks, new_vs)
             a = attn_lib.attention(q, k_read, v_read, q_start=inp.q_start, kv_len=inp.kv_len,
-                                   impl=impl, dca=cfg.dca)
+                                   impl=impl, dca=cfg.dca, k_scale=ks_read, v_scale=vs_read)
             x = x + output_projection(w, a.astype(x.dtype))
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
             x = x + (moe_mlp(w, h, cfg.moe) if cfg.is_moe_layer(l) else dense_mlp(w, h))
@@ -201,8 +201,9 @@ class Qwen2(nnx.Module):
     @staticmethod
     def _write_and_read(cache, l, rows, write_pos, k, v, slot, B, new_k, new_v, new_ks, new_vs):
         """Scatter this step's k, v into layer l's cache (in place: the cache is donated) and return
-        what attention reads: the whole cache (decode) or the prefilling slot's row; an fp8 cache is
-        dequantized to k's dtype here (a Pallas kernel could do it on the fly instead)."""
+        what attention reads: the whole cache (decode) or the prefilling slot's row, as (k, v, k_scale,
+        v_scale); an fp8 cache is returned as e4m3 values with their scales (the Pallas decode kernel reads
+        them directly; the dispatcher dequantizes for the other paths), a bf16 one with scales None."""
         def put(buf, val):
             return buf.at[rows, write_pos].set(val.astype(buf.dtype), mode="drop")
 
@@ -213,13 +214,12 @@ class Qwen2(nnx.Module):
             k_cache, v_cache = put(cache.k[l], k), put(cache.v[l], v)
             new_k.append(k_cache)
             new_v.append(v_cache)
-            return row(k_cache), row(v_cache)
+            return row(k_cache), row(v_cache), None, None
         (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
         bufs = [put(cache.k[l], k8), put(cache.v[l], v8), put(cache.k_scale[l], ks), put(cache.v_scale[l], vs)]
         for lst, b in zip((new_k, new_v, new_ks, new_vs), bufs):
             lst.append(b)
-        return (dequantize_fp8(row(bufs[0]), row(bufs[2]), k.dtype),
-                dequantize_fp8(row(bufs[1]), row(bufs[3]), v.dtype))
+        return row(bufs[0]), row(bufs[1]), row(bufs[2]), row(bufs[3])
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict:

@@ -273,7 +273,7 @@ def evaluate_export(hf_dir: Path, out: Path, lengths: str, seconds: float, sampl
     for name, dca, ls, share in runs:
         if not ls:
             continue
-        backend = pk.LocalBackend(ckpt, dca=dca, prefill_chunk=(DCA.chunk_len if dca else chunk), dtype="float32")
+        backend = pk.LocalBackend(ckpt, dca=dca, prefill_chunk=chunk, dtype="float32")
         r = pk.evaluate(backend, ls, pk.depth_grid(10), samples=samples, max_seconds=budget(share), progress=False)
         if name in results:          # append the long lengths to the DCA table
             prev = results[name]

@@ -196,8 +196,8 @@ class LocalBackend:
     def __init__(self, checkpoint=None, *, dca=True, attention: str = "reference",
                  prefill_chunk: int = 2048, dtype: str = "float32"):
         """dca: True (the checkpoint's config), False (off) or a DCAConfig (override), as zenjax.load.
-        With DCA the prefill chunk is capped at the DCA chunk length s: the engine cuts pieces at DCA
-        boundaries and pads each to prefill_chunk rows, so a larger chunk only computes padding."""
+        prefill_chunk is the engine's: it pads each piece only to the smallest prefill bucket that holds
+        it (never past the DCA chunk length), so no cap is needed here."""
         from zenjax.checkpoint import read_config
         from zenjax.config import with_dca
         from zenjax.tokenizer import Tokenizer
@@ -209,8 +209,6 @@ class LocalBackend:
             path = DEFAULT_CHECKPOINT
         self.cfg, _ = read_config(path)
         self.cfg = with_dca(self.cfg, dca)
-        if self.cfg.dca is not None:
-            self.prefill_chunk = min(prefill_chunk, self.cfg.dca.chunk_len)
         self.tokenizer = Tokenizer.from_dir(path)
         self._engine, self._engine_len = None, None
 
@@ -224,7 +222,7 @@ class LocalBackend:
         if self._engine_len != length:
             self._engine = None          # free the previous cache before allocating the next
             self._engine = zenjax.load(self.checkpoint, max_model_len=length,
-                                       prefill_chunk=min(self.prefill_chunk, length), attention=self.attention,
+                                       prefill_chunk=self.prefill_chunk, attention=self.attention,
                                        dtype=self.dtype, dca=self.dca, verbose=False)
             self._engine_len = length
         out = self._engine.generate(prompt.ids, zenjax.SamplingParams(max_new_tokens=MAX_NEW_TOKENS))

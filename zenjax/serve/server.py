@@ -24,8 +24,7 @@ import threading
 
 from zenjax.serve.grpc_api import BadRequest, GrpcFrontend, sampling_from_proto  # noqa: F401 (re-exported)
 from zenjax.serve.metrics import log_event, setup_logging
-from zenjax.serve.service import (ServerConfig, Service, config_from_args, default_prefill_chunk,  # noqa: F401
-                                  parse_dca, warmup)
+from zenjax.serve.service import ServerConfig, Service, config_from_args, parse_dca  # noqa: F401
 
 
 class Server:

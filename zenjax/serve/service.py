@@ -50,7 +50,7 @@ class ServerConfig:
     http_port: int | None = None      # OpenAI-compatible HTTP; None: off, 0: any free port ("http_listening")
     max_batch: int = 4
     max_model_len: int | None = None  # None: the engine's default for the checkpoint (zenjax.load)
-    prefill_chunk: int | None = None  # None: 8192 on an accelerator, 256 on the CPU (see default_prefill_chunk)
+    prefill_chunk: int | None = None  # None: zenjax.load's default (8192; short prompts use smaller buckets)
     max_queue: int = 64
     metrics_port: int = 0             # 0: no metrics endpoint
     attention: str = "auto"
@@ -227,8 +227,9 @@ class Service:
         t0 = time.monotonic()
         if self.engine is None:
             import zenjax
-            kw = dict(max_batch=c.max_batch, attention=c.attention,
-                      prefill_chunk=c.prefill_chunk or default_prefill_chunk())
+            kw = dict(max_batch=c.max_batch, attention=c.attention)
+            if c.prefill_chunk is not None:
+                kw["prefill_chunk"] = c.prefill_chunk
             if c.max_model_len is not None:
                 kw["max_model_len"] = c.max_model_len
             if c.dca != "auto":
@@ -237,7 +238,7 @@ class Service:
                 kw["cache_dtype"] = c.cache_dtype
             self.engine = zenjax.load(c.checkpoint, **kw)
         t1 = time.monotonic()
-        warmup(self.engine)
+        self.engine.warmup()       # compiles every prefill bucket and the decode call up front
         t2 = time.monotonic()
         self.load_s, self.warmup_s = round(t1 - t0, 3), round(t2 - t1, 3)
         self.limits = limits_for(int(self.engine.engine_config.max_model_len))
@@ -422,31 +423,6 @@ def default_max_model_len(config: ServerConfig) -> int:
     from zenjax.engine import DEFAULT_CHECKPOINT
     cfg, _ = read_config(config.checkpoint or DEFAULT_CHECKPOINT)
     return min(cfg.max_position_embeddings, 32768)
-
-
-def default_prefill_chunk() -> int:
-    """Every prefill step is padded to the chunk size, so the chunk is a prompt's minimum cost. On the
-    CPU a padded 8192-token step costs seconds (a 38-token chat waited 3.2 s for its first token with
-    chunk 2048 on the embedded model, 0.4 s with 256); accelerators want large chunks for throughput."""
-    import jax
-    return 256 if jax.default_backend() == "cpu" else 8192
-
-
-def warmup(engine) -> None:
-    """One tiny generation through the slot API (start, prefill_next, decode, release) compiles every step
-    the scheduler calls, so the first real request pays no compile time (the engine compiles each step
-    shape once; see its compiled_shapes)."""
-    params = SamplingParams(max_new_tokens=2, temperature=0.0, ignore_eos=True)
-    ids = [min(i + 1, engine.config.vocab_size - 1) for i in range(3)]
-    seq = engine.start(0, ids, params)
-    try:
-        token = None
-        while token is None:
-            token = engine.prefill_next(0)
-        seq.append(token)
-        seq.append(engine.decode([0])[0])
-    finally:
-        engine.release(0)
 
 
 def _log_request(req: Request, reason: str, status: str) -> None:

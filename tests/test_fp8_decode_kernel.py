@@ -1,0 +1,75 @@
+"""The split-K decode kernel reading an e4m3 cache and its float32 scales directly (interpret mode, CPU).
+
+Error model: the kernel forms x8 * scale in float32 per tile and casts to q's dtype, exactly what
+zenjax.model.dequantize_fp8 does for the whole cache, so against the kernel run on the dequantized cache
+only summation order differs: float32, max |diff| <= 2e-5 (as tests/test_pallas_kernels.py). Qwen's head
+layout (28 q / 4 kv), DCA s = 48 with keys in chunks 0..5, and contexts that do not fill a key tile.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.dca_decode import dca_decode
+from zenjax.config import DCAConfig
+from zenjax.model import FP8, dequantize_fp8, quantize_fp8
+
+N, K, H = 28, 4, 16
+DCA = DCAConfig(chunk_size=64, local_size=16, original_max_position_embeddings=64)      # s = 48
+S = 6 * 48 + 48                        # a multiple of the 16-key block (the engine's cache always is)
+
+
+@pytest.mark.parametrize("dca", [True, False], ids=["dca", "plain"])
+def test_fp8_decode_kernel_equals_kernel_on_dequantized_cache(dca):
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    B = 3
+    q = jax.random.normal(k1, ((3,) if dca else ()) + (B, 1, N, H), jnp.float32)
+    (k8, ks), (v8, vs) = (quantize_fp8(3.0 * jax.random.normal(kk, (B, S, K, H), jnp.float32)) for kk in (k2, k3))
+    assert k8.dtype == FP8 and ks.shape == (B, S, K)
+    q_start = jnp.array([7, 100, 290], jnp.int32)                   # chunks 0, 2, 6
+    kv_len = q_start + 1
+    chunk = DCA.chunk_len if dca else None
+    kw = dict(chunk_len=chunk, block_k=16, num_splits=3, interpret=True)
+    got, lse = dca_decode(q, k8, v8, q_start, kv_len, k_scale=ks, v_scale=vs, **kw)
+    ref, ref_lse = dca_decode(q, dequantize_fp8(k8, ks, jnp.float32), dequantize_fp8(v8, vs, jnp.float32),
+                              q_start, kv_len, **kw)
+    assert float(jnp.abs(got - ref).max()) <= 2e-5 and float(jnp.abs(lse - ref_lse).max()) <= 2e-5
+    # the scales matter (a kernel that ignored them would be far off)
+    raw, _ = dca_decode(q, k8.astype(jnp.float32), v8.astype(jnp.float32), q_start, kv_len, **kw)
+    assert float(jnp.abs(raw - ref).max()) > 1e-1
+
+
+def test_fp8_decode_kernel_refuses_bad_scales():
+    q = jnp.zeros((1, 1, N, H), jnp.float32)
+    k8 = jnp.zeros((1, S, K, H), FP8)
+    with pytest.raises(ValueError, match="both"):
+        dca_decode(q, k8, k8, jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32),
+                   k_scale=jnp.ones((1, S, K)), interpret=True, block_k=16)
+    with pytest.raises(ValueError, match=r"\[B, S, K\]"):
+        dca_decode(q, k8, k8, jnp.zeros((1,), jnp.int32), jnp.ones((1,), jnp.int32),
+                   k_scale=jnp.ones((1, S)), v_scale=jnp.ones((1, S)), interpret=True, block_k=16)
+
+
+def test_fp8_engine_pallas_decode_matches_reference_path():
+    """The engine with an e4m3 cache: pallas (the decode kernel reads e4m3 + scales; prefill gets a
+    dequantized row) against the reference path (dequantized cache everywhere), float32 model. Same
+    values enter attention on both paths, so greedy tokens must agree exactly: the token margins of this
+    random model (~1e-1) dwarf float32 reassociation (~1e-6)."""
+    import dataclasses
+    from zenjax.config import ModelConfig, engine_config
+    from zenjax.engine import Engine
+    from zenjax.model import init_params
+    from zenjax.sampling import SamplingParams
+    cfg = ModelConfig(vocab_size=300, hidden_size=224, intermediate_size=64, num_layers=2, num_heads=28,
+                      num_kv_heads=4, head_dim=16, rope_theta=1e4, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False, max_position_embeddings=4096)
+    params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.2)
+    ids = [int(t) for t in np.random.RandomState(3).randint(0, 300, 37)]
+    out = {}
+    for impl in ("reference", "pallas"):
+        ec = engine_config(max_model_len=100, prefill_chunk=32, max_batch=1, attention=impl, dtype="float32",
+                           cache_dtype="float8_e4m3fn")
+        e = Engine(cfg, params, ec, verbose=False)
+        assert e.runner.cache.k[0].dtype == FP8
+        out[impl] = e.generate(ids, SamplingParams(max_new_tokens=10, ignore_eos=True)).token_ids
+    assert out["pallas"] == out["reference"] and len(out["pallas"]) == 10
