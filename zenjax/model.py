@@ -169,8 +169,8 @@ class Qwen2(nnx.Module):
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
             k_read, v_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
                                                   new_k, new_v, new_ks, new_vs)
-            a = attn_lib.attention(q, k_read, v_read, q_start=inp.q_start, kv_len=inp.kv_len,
-                                   impl=impl, dca=cfg.dca)
+            meta = attn_lib.AttentionMeta(inp.q_start, inp.kv_len, cfg.dca)
+            a = attn_lib.attention(q, k_read, v_read, meta, impl=impl)
             x = x + jnp.einsum("btnh,nhd->btd", a.astype(x.dtype), blk.wo[...])
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
             gate = jnp.einsum("btd,df->btf", h, blk.w_gate[...])

@@ -1,6 +1,6 @@
 """impl="pallas" of the attention dispatcher: routes to the Pallas DCA kernels in pallas_kernels/.
 
-Same contract as zenjax/attention.py (shapes, semantics, padding rows): q [B,T,N,H] (plain) or
+Same contract as zenjax/attention/__init__.py (shapes, semantics, padding rows): q [B,T,N,H] (plain) or
 [3,B,T,N,H] (DCA: intra, succ, inter), k_cache / v_cache [B,S,K,H], q_start / kv_len [B] int32.
 A step with T <= DECODE_MAX_T queries goes to the split-K decode kernel (it parallelizes over the keys),
 longer query chunks to a prefill kernel (it parallelizes over query tiles): on a GPU with bf16/f16 inputs
@@ -78,7 +78,6 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
                        num_stages=PREFILL_STAGES, interpret=interpret)
 
 
-def attention(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None):
-    """The dispatcher's entry point: the attention output [B,T,N,H] in q's dtype."""
-    out, _ = attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca)
-    return out
+def run(q, k_cache, v_cache, meta):
+    """The dispatcher's entry: (out in q's dtype, lse float32)."""
+    return attention_lse(q, k_cache, v_cache, q_start=meta.q_start, kv_len=meta.kv_len, dca=meta.dca)
