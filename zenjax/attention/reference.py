@@ -29,10 +29,12 @@ def dca_region(q_start, T: int, S: int, chunk_len: int):
     return jnp.clip(d, 0, 2)
 
 
-def reference_attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None):
+def reference_attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
+                            extra_mask=None):
     """Plain-jnp attention in float32. Returns (out [B,T,N,H] float32, lse [B,T,N] float32).
 
     GQA without repeating K/V: q heads are grouped as [K, G] (q head n uses kv head n // G).
+    extra_mask [B, N, T, S] bool (sparse prefill): keys also outside it are masked.
     """
     B, S, K, H = k_cache.shape
     T, N = q.shape[-3], q.shape[-2]
@@ -49,6 +51,8 @@ def reference_attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCACon
         logits = jnp.where(region == 0, per_variant[0],
                            jnp.where(region == 1, per_variant[1], per_variant[2]))
     mask = attention_mask(q_start, kv_len, T, S)[:, None, None]                  # [B, 1, 1, T, S]
+    if extra_mask is not None:
+        mask = mask & extra_mask.reshape(B, K, G, T, S)
     logits = jnp.where(mask, logits, NEG_INF)
     lse = jax.nn.logsumexp(logits, axis=-1)                                      # [B, K, G, T]
     probs = jnp.exp(logits - lse[..., None])
