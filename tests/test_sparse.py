@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from zenjax.attention import AttentionMeta, attention_lse, sparse
-from zenjax.config import (ConfigError, DCAConfig, ModelConfig, SparseLayer, resolve_sparse,
+from zenjax.config import (ConfigError, DCAConfig, ModelConfig, SparseConfig, SparseLayer, resolve_sparse,
                            sparse_config_from_json)
 from zenjax.dca import rotate_for_dca
 
@@ -278,3 +278,61 @@ def test_small_budgets_are_sparse_and_differ():
     rows = slice(0, kv_len - q_start)
     assert np.isfinite(np.asarray(sp)).all()
     assert np.abs(np.asarray(sp - dense)[:, rows]).max() > 1e-3
+
+
+# ------------------------------------------------------------------ the engine
+
+def _engine(sparse_cfg, chunk=32):
+    import dataclasses as dc
+    from zenjax.config import engine_config
+    from zenjax.engine import Engine
+    from zenjax.model import init_params
+    cfg = dc.replace(_cfg(layers=2, heads=28, kv=4), hidden_size=224, head_dim=8, vocab_size=300,
+                     rope_theta=1e4, dca=DCAConfig(32, 8, 32))                             # s = 24
+    params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.2)
+    ec = engine_config(max_model_len=400, prefill_chunk=chunk, attention="reference", dtype="float32")
+    return Engine(cfg, params, ec, verbose=False, sparse=sparse_cfg)
+
+
+def test_engine_sparse_just_over_threshold_and_counts():
+    """threshold 40: a 41-token prompt prefills sparse (every piece, 2 DCA chunks back), a 40-token one
+    dense. With full budgets the sparse tokens equal dense ones exactly (same float32 math, all-true mask)."""
+    from zenjax.sampling import SamplingParams
+    ids = [int(t) for t in np.random.RandomState(0).randint(0, 300, 90)]
+    full = SparseConfig(budgets=(((400, 400),) * 28,) * 2, threshold=40)
+    sp, dense = _engine(full), _engine(None)
+    p = SamplingParams(max_new_tokens=4)
+    assert sp.generate(ids[:41], p).token_ids == dense.generate(ids[:41], p).token_ids
+    assert sp.stats() == {"sparse_prefill_tokens": 41, "dense_prefill_tokens": 0}
+    sp.generate(ids[:40], p)
+    assert sp.stats() == {"sparse_prefill_tokens": 41, "dense_prefill_tokens": 40}
+    assert sp.generate(ids, p).token_ids == dense.generate(ids, p).token_ids           # pieces in chunk 3
+    assert sp.trace_counts["prefill_sparse"] == 1 and "prefill_sparse" in sp.compiled_shapes()
+    assert "prefill_sparse" not in dense.compiled_shapes()
+
+
+def test_load_reads_refuses_and_turns_off(tmp_path):
+    import zenjax
+    good = [{str(h): ["vertical_and_slash", 100, 800, 0.9] for h in range(4)} for _ in range(4)]
+    f = tmp_path / "sparse_attention_config.json"
+    f.write_text(json.dumps(good))
+    e = zenjax.load(None, sparse=f, max_model_len=256, verbose=False)
+    assert e.sparse.budgets[3][2] == (100, 800) and str(f) in str(e.sparse)
+    assert zenjax.load(None, sparse=False, max_model_len=256, verbose=False).sparse is None
+    assert zenjax.load(None, max_model_len=256, verbose=False).sparse is None     # the demo ships none
+    good[2]["3"][0] = "block_sparse"
+    f.write_text(json.dumps(good))
+    with pytest.raises(ConfigError, match=r"sparse_attention_config.json: layer 2, head '3': pattern"):
+        zenjax.load(None, sparse=f, max_model_len=256, verbose=False)
+
+
+def test_cli_sparse_flags(tmp_path, capsys):
+    from zenjax.eval.__main__ import main
+    from zenjax.serve.server import config_from_args
+    assert config_from_args([]).sparse == "auto"
+    assert config_from_args(["--sparse", "off"]).sparse == "off"
+    with pytest.raises(SystemExit):
+        config_from_args(["--sparse", str(tmp_path / "missing.json")])
+    assert "--sparse" in capsys.readouterr().err
+    assert main(["passkey", "--lengths", "384", "--sparse", str(tmp_path / "missing.json")]) == 2
+    assert "--sparse" in capsys.readouterr().err

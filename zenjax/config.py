@@ -403,3 +403,14 @@ def resolve_sparse(choice, cfg: ModelConfig, *, checkpoint_dir=None, meta: Mappi
     if not sparse_enabled(dca_hf, True):
         return None
     return sparse_config_from_json(entries, cfg, source=str(f), dca_hf=dca_hf)
+
+
+def parse_sparse_choice(text: str):
+    """The --sparse option of the server and the eval: 'auto' -> True (the checkpoint's file if any),
+    'off' -> False, anything else a path to a sparse_attention_config.json (must exist)."""
+    from pathlib import Path
+    if text in ("auto", "off"):
+        return text == "auto"
+    if not Path(text).is_file():
+        raise ConfigError(f"--sparse {text!r}: expected auto, off, or an existing sparse_attention_config.json")
+    return Path(text)

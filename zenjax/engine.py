@@ -16,6 +16,10 @@ Pieces never cross a DCA chunk boundary (multiples of s = chunk_size - local_siz
 sees queries of one DCA chunk (what the cuDNN DCA path relies on) at the cost of at most one extra step
 per DCA chunk.
 
+Sparse prefill (zenjax/attention/sparse.py): with a SparseConfig, every piece of a prompt longer than
+its threshold runs the `prefill_sparse` step (same shape; per layer the indices are estimated from the
+piece's last queries); `stats()` counts prompt tokens prefilled sparse and dense.
+
 Compiled shapes (the whole list; see `compiled_shapes`): prefill [1, prefill_chunk] with last-row logits,
 the same with all-row logits (only for `engine.logits`, research use), decode [max_batch, 1], and two
 tiny sampler updates. The cache is [max_batch, cache_len, K, H] per layer for k and v (cache_len =
@@ -38,7 +42,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config, with_dca
+from zenjax.config import DCAConfig, EngineConfig, ModelConfig, SparseConfig, engine_config, resolve_sparse, with_dca
 from zenjax.model import KVCache, Qwen2, StepInputs
 from zenjax.sampling import SamplerState, SamplingParams, sample, slot_values
 from zenjax.sharding import CACHE_AXES, make_mesh, sharding_for
@@ -116,8 +120,12 @@ CACHE_ALIGN = 128    # cache slots are a multiple of the Mosaic GPU prefill kern
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params: dict, ec: EngineConfig, *, tokenizer=None,
-                 eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True):
+                 eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True,
+                 sparse: SparseConfig | None = None):
         self.config, self.engine_config, self.tokenizer = cfg, ec, tokenizer
+        # sparse prefill (prompts longer than sparse.threshold); counts prompt tokens per kind for stats()
+        self.sparse = sparse
+        self._stats = collections.Counter(sparse_prefill_tokens=0, dense_prefill_tokens=0)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.mesh = mesh if mesh is not None else make_mesh(1)
         self.max_batch = ec.max_batch
@@ -154,6 +162,11 @@ class Engine:
             model = nnx.merge(graphdef, state)
             return model(inp, cache, impl=impl, slot=slot, logits_rows=last_row)
 
+        def prefill_sparse(state, cache, inp, slot, last_row):
+            self.trace_counts["prefill_sparse"] += 1
+            model = nnx.merge(graphdef, state)
+            return model(inp, cache, impl=impl, slot=slot, logits_rows=last_row, sparse=self.sparse)
+
         def prefill_all(state, cache, inp, slot):
             self.trace_counts["prefill_all_logits"] += 1
             model = nnx.merge(graphdef, state)
@@ -183,6 +196,7 @@ class Engine:
             return jax.tree.map(lambda a, v: a.at[slot].set(v), sampler, SamplerState(**values))
 
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
+        self._prefill_sparse = jax.jit(prefill_sparse, donate_argnums=(1,))
         self._prefill_all = jax.jit(prefill_all, donate_argnums=(1,))
         self._decode = jax.jit(decode, donate_argnums=(1, 2))
         self._sample_slot = jax.jit(sample_slot, donate_argnums=(0,))
@@ -191,8 +205,19 @@ class Engine:
     def compiled_shapes(self) -> dict[str, tuple[int, int]]:
         """The bounded set of step shapes [rows, tokens] this engine compiles."""
         ec = self.engine_config
-        return {"prefill": (1, ec.prefill_chunk), "prefill_all_logits": (1, ec.prefill_chunk),
-                "decode": (ec.max_batch, 1)}
+        shapes = {"prefill": (1, ec.prefill_chunk), "prefill_all_logits": (1, ec.prefill_chunk),
+                  "decode": (ec.max_batch, 1)}
+        if self.sparse is not None:      # + per layer the estimator's top-k sizes (static, from the budgets)
+            shapes["prefill_sparse"] = (1, ec.prefill_chunk)
+        return shapes
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: prompt tokens prefilled sparse and dense."""
+        return dict(self._stats)
+
+    def prefills_sparse(self, prompt_len: int) -> bool:
+        """Whether a prompt of this length is prefilled sparse (vLLM: longer than the threshold)."""
+        return self.sparse is not None and prompt_len > self.sparse.threshold
 
     # ---------------------------------------------------------------- host helpers
     def prefill_plan(self, prompt_len: int) -> list[tuple[int, int]]:
@@ -287,7 +312,10 @@ class Engine:
         inp = self._piece_inputs(seq.prompt_ids, start, end, seq.prompt_len)
         last = end == seq.prompt_len
         row = jnp.asarray([end - start - 1 if last else 0], jnp.int32)
-        logits, self._cache = self._prefill(self._state, self._cache, inp, jnp.int32(slot), row)
+        sparse = self.prefills_sparse(seq.prompt_len)
+        step = self._prefill_sparse if sparse else self._prefill
+        logits, self._cache = step(self._state, self._cache, inp, jnp.int32(slot), row)
+        self._stats["sparse_prefill_tokens" if sparse else "dense_prefill_tokens"] += end - start
         seq.prefilled = end
         if not last:
             return None
@@ -371,16 +399,20 @@ class Engine:
 
 def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 8192, max_batch: int = 1,
          attention: str = "auto", dtype: str | None = None, cache_dtype: str | None = None,
-         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True) -> Engine:
+         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True,
+         sparse: "bool | SparseConfig | str | Path" = True) -> Engine:
     """Load a converted checkpoint (None: the embedded default) into an Engine.
 
     dca: True keeps the checkpoint's dual_chunk_attention_config; False turns DCA off; a DCAConfig
     enables or overrides it for any Qwen2 checkpoint.
+    sparse: True uses the checkpoint's sparse_attention_config.json when it has one (vLLM's default);
+    False prefills dense; a path or a SparseConfig gives the budgets (zenjax.config.resolve_sparse).
     """
     from zenjax.checkpoint import load_checkpoint, read_config
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     cfg, meta = read_config(path)
     cfg = with_dca(cfg, dca)
+    sparse_cfg = resolve_sparse(sparse, cfg, checkpoint_dir=path, meta=meta)     # refuses before any weight loads
     dtype = dtype or meta.get("dtype", "bfloat16")
     ec = engine_config(max_model_len=max_model_len or min(cfg.max_position_embeddings, 32768),
                        prefill_chunk=prefill_chunk, max_batch=max_batch, attention=attention, dtype=dtype,
@@ -397,4 +429,5 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
         tokenizer = Tokenizer.from_dir(path)
     eos = meta.get("generation", {}).get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return Engine(cfg, params, ec, tokenizer=tokenizer, eos_token_ids=eos, mesh=mesh, verbose=verbose)
+    return Engine(cfg, params, ec, tokenizer=tokenizer, eos_token_ids=eos, mesh=mesh, verbose=verbose,
+                  sparse=sparse_cfg)

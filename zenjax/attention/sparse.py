@@ -133,8 +133,9 @@ def _fallback(v_ids, s_ids, q_start, kv_len, dca):
                                          (jnp.zeros_like(P), P - s, P >= 2 * s, True)):
         has_v = jnp.any((v_ids >= lo) & (v_ids < hi), axis=-1)
         # diagonal d reaches keys [lo, hi) from some row p in [begin, end) iff begin-hi+1 <= d <= end-1-lo
-        has_s = jnp.any((s_ids >= begin - hi + 1) & (s_ids <= end - 1 - lo), axis=-1) if needs_slash else jnp.asarray(True)
-        need = jnp.asarray(present) & (~has_v | ~has_s)                                               # [N]
+        has_s = (jnp.any((s_ids >= begin - hi + 1) & (s_ids <= end - 1 - lo), axis=-1) if needs_slash
+                 else jnp.asarray(True))
+        need = jnp.asarray(present) & (~has_v | ~has_s)                                  # [N]
         cols = lo + (jnp.arange(FALLBACK_COLUMNS) * (hi - lo)) // FALLBACK_COLUMNS
         out.append(jnp.where(need[:, None], cols[None, :], SENTINEL))
     return jnp.concatenate(out, axis=-1).astype(jnp.int32)

@@ -60,6 +60,7 @@ class ServerConfig:
     log_level: str = "INFO"
     dca: str = "auto"                 # auto (the checkpoint's), off, or "CHUNK,LOCAL,ORIGINAL_MAX"
     cache_dtype: str | None = None    # None: the model dtype; float8_e4m3fn halves the KV cache
+    sparse: str = "auto"              # auto (the checkpoint's sparse_attention_config.json), off, or a PATH
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="Dual Chunk Attention: auto (as the checkpoint says), off, or CHUNK,LOCAL,ORIGINAL_MAX "
                          "to enable it on any Qwen2 checkpoint (e.g. 262144,8192,262144)")
     ap.add_argument("--cache-dtype", default=d.cache_dtype, help="KV cache dtype: bfloat16 | float8_e4m3fn")
+    ap.add_argument("--sparse", default=d.sparse,
+                    help="sparse vertical-slash prefill for prompts over the threshold: auto (the checkpoint's "
+                         "sparse_attention_config.json if present), off, or PATH to such a file")
     return ap
 
 
@@ -102,13 +106,15 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--grace-seconds", a.grace_seconds >= 0, "must be >= 0")]
     checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
                    "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
+    checks.append(("--sparse", a.sparse in ("auto", "off") or os.path.isfile(a.sparse),
+                   "must be auto, off or an existing sparse_attention_config.json"))
     for flag, ok, why in checks:
         if not ok:
             ap.error(f"{flag}={getattr(a, flag[2:].replace('-', '_'))} {why}")
     return ServerConfig(checkpoint=a.checkpoint, host=a.host, port=a.port, max_batch=a.max_batch,
                         max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk, max_queue=a.max_queue,
                         metrics_port=a.metrics_port, attention=a.attention, grace_seconds=a.grace_seconds,
-                        log_level=a.log_level, dca=a.dca, cache_dtype=a.cache_dtype)
+                        log_level=a.log_level, dca=a.dca, cache_dtype=a.cache_dtype, sparse=a.sparse)
 
 
 def parse_dca(text: str):
@@ -367,6 +373,8 @@ class Server:
                 kw["dca"] = False if c.dca == "off" else parse_dca(c.dca)
             if c.cache_dtype:
                 kw["cache_dtype"] = c.cache_dtype
+            from zenjax.config import parse_sparse_choice
+            kw["sparse"] = parse_sparse_choice(c.sparse)
             self.engine = zenjax.load(c.checkpoint, **kw)
         t1 = time.monotonic()
         warmup(self.engine)
