@@ -81,3 +81,16 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
 def run(q, k_cache, v_cache, meta):
     """The dispatcher's entry: (out in q's dtype, lse float32)."""
     return attention_lse(q, k_cache, v_cache, q_start=meta.q_start, kv_len=meta.kv_len, dca=meta.dca)
+
+
+def run_sparse(q, k_cache, v_cache, meta):
+    """Sparse prefill (zenjax/attention/sparse.py's mask): on Hopper with bf16/f16, H % 64 == 0 and a DCA
+    chunk length that is a multiple of 128 (or plain RoPE), the Mosaic GPU kernel
+    `pallas_kernels.vs_prefill_mgpu`; otherwise the plain-jnp reference."""
+    from zenjax.attention import sparse
+    s = None if meta.dca is None else meta.dca.chunk_len
+    if _use_mgpu(q, None) and (s is None or s % 128 == 0):
+        from pallas_kernels.vs_prefill_mgpu import vs_prefill_mgpu
+        return vs_prefill_mgpu(q, k_cache, v_cache, meta.q_start, meta.kv_len, meta.indices.vertical,
+                               meta.indices.slash, chunk_len=s, interpret=False)
+    return sparse.run_sparse(q, k_cache, v_cache, meta)
