@@ -5,7 +5,8 @@ The mask (same definition as zenjax/attention/sparse.py; 128-row query blocks al
     active(m, kb)  iff  a selected diagonal d has a_m - d <= 128kb + 127 and a_m + 127 - d >= 128kb
                         (a_m = q_start + 128m: the band of d over the block's rows touches key block kb)
     row p attends key j  iff  j <= p, j < kv_len, and (j is a selected column or active(m, j // 128)).
-Inputs `vertical` [B,N,V] (key ids) and `slash` [B,N,D] (distances), ascending; entries >= S are padding.
+Inputs `vertical` [B,N,V] (key ids) and `slash` [B,N,D] (distances), ascending, columns unique; entries
+>= S are padding.
 
 Walk (wrapper, plain jnp, then one kernel):
 1. Per (b, head, query block) the active key blocks, compacted into an ascending list `blocks` with
