@@ -119,9 +119,9 @@ def _np_estimate(q_raw, k_raw, q_start, kv_len, vb, sb, *, dca, last_q=64, sink=
         for r in rows:
             p = q_start + r
             logits = np.full(kv_len, -np.inf)
+            qv = [_np_rope(q_raw[r, h], pos) for pos in (p % s, p % s + s, p % s + c)]   # intra, *_crit
             for j in range(p + 1):
-                pos = p % s if j >= P else (p % s + s if j >= P - s else p % s + c)
-                logits[j] = _np_rope(q_raw[r, h], pos) @ kk[j] / np.sqrt(H)
+                logits[j] = qv[0 if j >= P else (1 if j >= P - s else 2)] @ kk[j] / np.sqrt(H)
             a = np.exp(logits - logits.max())
             a /= a.sum()
             vert += a
