@@ -336,3 +336,21 @@ def test_cli_sparse_flags(tmp_path, capsys):
     assert "--sparse" in capsys.readouterr().err
     assert main(["passkey", "--lengths", "384", "--sparse", str(tmp_path / "missing.json")]) == 2
     assert "--sparse" in capsys.readouterr().err
+
+
+def test_auto_keeps_sparse_off_without_a_validated_sparse_path(tmp_path, capsys):
+    """sparse="auto" (the default) turns sparse prefill on only for implementations whose sparse path is
+    validated: the reference (CPU); not cudnn (none) nor pallas (its kernel awaits a GPU run)."""
+    import shutil
+    import zenjax
+    from zenjax.attention import sparse_ready
+    from zenjax.engine import DEFAULT_CHECKPOINT
+    assert sparse_ready("reference") and not sparse_ready("cudnn") and not sparse_ready("pallas")
+    ck = tmp_path / "ck"
+    shutil.copytree(DEFAULT_CHECKPOINT, ck)
+    (ck / "sparse_attention_config.json").write_text(json.dumps(
+        [{str(h): ["vertical_and_slash", 100, 800, 0.9] for h in range(4)} for _ in range(4)]))
+    assert zenjax.load(ck, max_model_len=256, verbose=False).sparse is not None            # reference
+    assert zenjax.load(ck, max_model_len=256, attention="cudnn").sparse is None
+    assert "sparse prefill stays off with attention=cudnn" in capsys.readouterr().err
+    assert zenjax.load(ck, max_model_len=256, attention="cudnn", sparse=True, verbose=False).sparse is not None

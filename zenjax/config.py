@@ -406,11 +406,11 @@ def resolve_sparse(choice, cfg: ModelConfig, *, checkpoint_dir=None, meta: Mappi
 
 
 def parse_sparse_choice(text: str):
-    """The --sparse option of the server and the eval: 'auto' -> True (the checkpoint's file if any),
-    'off' -> False, anything else a path to a sparse_attention_config.json (must exist)."""
+    """The --sparse option of the server and the eval: 'auto' -> "auto" (zenjax.load's default), 'on' ->
+    True (the checkpoint's file if any), 'off' -> False, else a path to a sparse_attention_config.json."""
     from pathlib import Path
-    if text in ("auto", "off"):
-        return text == "auto"
+    if text in ("auto", "on", "off"):
+        return {"auto": "auto", "on": True, "off": False}[text]
     if not Path(text).is_file():
         raise ConfigError(f"--sparse {text!r}: expected auto, off, or an existing sparse_attention_config.json")
     return Path(text)

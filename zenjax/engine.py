@@ -400,23 +400,32 @@ class Engine:
 def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 8192, max_batch: int = 1,
          attention: str = "auto", dtype: str | None = None, cache_dtype: str | None = None,
          dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True,
-         sparse: "bool | SparseConfig | str | Path" = True) -> Engine:
+         sparse: "bool | str | SparseConfig | Path" = "auto") -> Engine:
     """Load a converted checkpoint (None: the embedded default) into an Engine.
 
     dca: True keeps the checkpoint's dual_chunk_attention_config; False turns DCA off; a DCAConfig
     enables or overrides it for any Qwen2 checkpoint.
-    sparse: True uses the checkpoint's sparse_attention_config.json when it has one (vLLM's default);
-    False prefills dense; a path or a SparseConfig gives the budgets (zenjax.config.resolve_sparse).
+    sparse: "auto" = True when the attention implementation has a validated sparse path
+    (zenjax.attention.sparse_ready), else dense; True uses the checkpoint's sparse_attention_config.json
+    when it has one (vLLM's default); False prefills dense; a path or a SparseConfig gives the budgets
+    (zenjax.config.resolve_sparse).
     """
     from zenjax.checkpoint import load_checkpoint, read_config
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     cfg, meta = read_config(path)
     cfg = with_dca(cfg, dca)
-    sparse_cfg = resolve_sparse(sparse, cfg, checkpoint_dir=path, meta=meta)     # refuses before any weight loads
+    sparse_cfg = resolve_sparse(True if sparse == "auto" else sparse, cfg, checkpoint_dir=path, meta=meta)
     dtype = dtype or meta.get("dtype", "bfloat16")
     ec = engine_config(max_model_len=max_model_len or min(cfg.max_position_embeddings, 32768),
                        prefill_chunk=prefill_chunk, max_batch=max_batch, attention=attention, dtype=dtype,
                        cache_dtype=cache_dtype, platform=jax.default_backend())
+    if sparse == "auto" and sparse_cfg is not None:
+        from zenjax.attention import sparse_ready
+        if not sparse_ready(ec.attention):
+            if verbose:
+                print(f"zenjax: {sparse_cfg.source}: sparse prefill stays off with attention={ec.attention} "
+                      "(no validated sparse path; pass sparse=True to force it)", file=sys.stderr)
+            sparse_cfg = None
     mesh = make_mesh(tensor_parallel)
 
     def put(path_tuple, spec, array):

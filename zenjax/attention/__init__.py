@@ -33,7 +33,8 @@ import importlib
 from zenjax.attention.meta import AttentionMeta
 from zenjax.attention.reference import NEG_INF, attention_mask, dca_region, reference_attention_lse
 
-__all__ = ["AttentionMeta", "IMPLS", "attention", "attention_lse", "implementation", "reference_attention_lse",
+__all__ = ["AttentionMeta", "IMPLS", "attention", "attention_lse", "implementation", "sparse_ready",
+           "reference_attention_lse",
            "attention_mask", "dca_region", "NEG_INF"]
 
 IMPLS = {
@@ -48,6 +49,12 @@ def implementation(impl: str):
     if impl not in IMPLS:
         raise ValueError(f"attention impl={impl!r}: expected one of {', '.join(IMPLS)}")
     return importlib.import_module(IMPLS[impl])
+
+
+def sparse_ready(impl: str) -> bool:
+    """Whether `impl` has a validated, memory-bounded sparse prefill path (its module's SPARSE_READY).
+    The reference's is O(T*S) but it is the reference; cudnn has none."""
+    return bool(getattr(implementation(impl), "SPARSE_READY", False))
 
 
 def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str):

@@ -83,6 +83,12 @@ def run(q, k_cache, v_cache, meta):
     return attention_lse(q, k_cache, v_cache, q_start=meta.q_start, kv_len=meta.kv_len, dca=meta.dca)
 
 
+# The Mosaic GPU sparse kernel passes its interpret-mode test but has NOT been run on a GPU yet
+# (benchmarks/sparse_kernel.py): until it has, sparse="auto" does not turn sparse prefill on for this
+# implementation; an explicit sparse=True / path / SparseConfig still uses it.
+SPARSE_READY = False
+
+
 def run_sparse(q, k_cache, v_cache, meta):
     """Sparse prefill (zenjax/attention/sparse.py's mask): on Hopper with bf16/f16, H % 64 == 0 and a DCA
     chunk length that is a multiple of 128 (or plain RoPE), the Mosaic GPU kernel

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from zenjax.config import DCAConfig
 
+SPARSE_READY = True   # zenjax/attention/sparse.py's run_sparse is this implementation's sparse path
 NEG_INF = -1e30  # finite: a fully masked row gives a uniform softmax, never NaN
 
 

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dca", default=None, metavar="CHUNK,LOCAL[,ORIG]",
                    help="DCA config overriding the checkpoint's (ORIG defaults to its max_position_embeddings)")
     p.add_argument("--attention", default="reference", help="reference | cudnn | pallas | auto")
-    p.add_argument("--sparse", default="auto", metavar="auto|off|PATH",
+    p.add_argument("--sparse", default="auto", metavar="auto|on|off|PATH",
                    help="sparse prefill: the checkpoint's sparse_attention_config.json (auto), off, or a file")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--dtype", default="float32")

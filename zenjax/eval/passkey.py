@@ -194,7 +194,7 @@ class LocalBackend:
     """zenjax.load of a checkpoint; one engine per evaluation length (max_model_len = length)."""
 
     def __init__(self, checkpoint=None, *, dca=True, attention: str = "reference",
-                 prefill_chunk: int = 2048, dtype: str = "float32", sparse=True):
+                 prefill_chunk: int = 2048, dtype: str = "float32", sparse="auto"):
         """dca: True (the checkpoint's config), False (off) or a DCAConfig (override), as zenjax.load.
         With DCA the prefill chunk is capped at the DCA chunk length s: the engine cuts pieces at DCA
         boundaries and pads each to prefill_chunk rows, so a larger chunk only computes padding."""
@@ -218,7 +218,7 @@ class LocalBackend:
         dca = self.cfg.dca.to_hf() if self.cfg.dca else None
         return {"backend": "local", "checkpoint": str(self.checkpoint or "embedded-default"), "dca": dca,
                 "attention": self.attention, "prefill_chunk": self.prefill_chunk, "dtype": self.dtype,
-                "sparse": {True: "auto", False: "off"}.get(self.sparse, str(self.sparse))}
+                "sparse": {True: "on", False: "off"}.get(self.sparse, str(self.sparse))}
 
     def answer(self, prompt: PasskeyPrompt, length: int) -> str:
         import zenjax

@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dtype", default=d.cache_dtype, help="KV cache dtype: bfloat16 | float8_e4m3fn")
     ap.add_argument("--sparse", default=d.sparse,
                     help="sparse vertical-slash prefill for prompts over the threshold: auto (the checkpoint's "
-                         "sparse_attention_config.json if present), off, or PATH to such a file")
+                         "sparse_attention_config.json if present and the attention implementation has a validated "
+                         "sparse path), on (the checkpoint's file), off, or PATH to such a file")
     return ap
 
 
@@ -106,8 +107,8 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--grace-seconds", a.grace_seconds >= 0, "must be >= 0")]
     checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
                    "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
-    checks.append(("--sparse", a.sparse in ("auto", "off") or os.path.isfile(a.sparse),
-                   "must be auto, off or an existing sparse_attention_config.json"))
+    checks.append(("--sparse", a.sparse in ("auto", "on", "off") or os.path.isfile(a.sparse),
+                   "must be auto, on, off or an existing sparse_attention_config.json"))
     for flag, ok, why in checks:
         if not ok:
             ap.error(f"{flag}={getattr(a, flag[2:].replace('-', '_'))} {why}")
