@@ -285,6 +285,9 @@ def _kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_re
             plgpu.barrier_wait(v_free.at[slot])
 
 
+_prepare_jit = jax.jit(prepare, static_argnames=("T", "chunk_len"))
+
+
 def _vs_prefill_mgpu(q3, k, v, q_start, kv_len, vertical, slash, *, chunk_len, max_concurrent_steps, interpret):
     R, B, T, N, H = q3.shape
     K = k.shape[2]
@@ -294,8 +297,7 @@ def _vs_prefill_mgpu(q3, k, v, q_start, kv_len, vertical, slash, *, chunk_len, m
     k, v = pad(k, 1, BLOCK), pad(v, 1, BLOCK)
     Tp = q3.shape[2]
     num_pairs = Tp // BLOCK
-    ix = jax.jit(prepare, static_argnames=("T", "chunk_len"))(vertical, slash, q_start, kv_len, k, v, T=Tp,
-                                                              chunk_len=chunk_len)
+    ix = _prepare_jit(vertical, slash, q_start, kv_len, k, v, T=Tp, chunk_len=chunk_len)
     stages = max_concurrent_steps
     args = (q_start, kv_len, ix["blocks"], ix["nblk"], ix["nvt"], ix["vt_region"], ix["keypos"], ix["vcols"],
             q3, k, v, ix["kc"], ix["vc"])
@@ -380,8 +382,8 @@ def vs_prefill_mgpu(q, k, v, q_start, kv_len, vertical, slash, *, chunk_len: int
         raise ValueError(f"vs_prefill_mgpu: vertical {vertical.shape} / slash {slash.shape} must be [B={B}, N={N}, .]")
     if chunk_len is not None and chunk_len % BLOCK:
         raise ValueError(f"vs_prefill_mgpu: DCA chunk length s={chunk_len} must be a multiple of {BLOCK}")
-    if H % 64 or {jnp.dtype(x.dtype) for x in (q3, k, v)} - {jnp.dtype(jnp.bfloat16)} and \
-            {jnp.dtype(x.dtype) for x in (q3, k, v)} != {jnp.dtype(jnp.float16)}:
+    dtypes = {jnp.dtype(x.dtype) for x in (q3, k, v)}
+    if H % 64 or dtypes not in ({jnp.dtype(jnp.bfloat16)}, {jnp.dtype(jnp.float16)}):
         raise ValueError(f"vs_prefill_mgpu wants bf16 (or f16) q, k, v and H % 64 == 0; got {q3.dtype}, H={H}")
     if smem_bytes(q3.shape[0], H, max_concurrent_steps) > SMEM_BYTES:
         raise ValueError(f"vs_prefill_mgpu: {max_concurrent_steps} slots x {BLOCK} keys do not fit shared memory")
