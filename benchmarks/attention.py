@@ -12,7 +12,7 @@ What it does, in order (each part prints as it goes; the table comes last):
    S = 32K with DCA (c=16384, w=2048: s=14336, the prompt spans DCA chunks 0..2 so intra, succ and inter
    all appear) and S = 128K (c=65536, w=8192: s=57344). Compared with dense cuDNN causal attention
    (jax.nn.dot_product_attention implementation="cudnn") on the same S, and the cuDNN 3-call DCA merge
-   (zenjax/attention_cudnn.py) when that module exists, and the dispatcher's pallas path (on Hopper the
+   (zenjax/attention/cudnn.py) when that module exists, and the dispatcher's pallas path (on Hopper the
    Mosaic GPU kernel, pallas_kernels/dca_prefill_mgpu.py; elsewhere the Triton kernel above). TFLOP/s
    count causal-equivalent work 4 * S^2 * N * H / 2 for every path, so the columns compare times. At 128K also the last chunked-prefill
    step alone (8192 queries at q_start = S - 8192), and at 32K an A/B of the DCA kernel without its
@@ -131,7 +131,7 @@ def prefill(res: dict, S: int, c: int, w: int, sweep: bool, rows: list) -> None:
         if t_cudnn:
             res[f"prefill_{S}_dca_vs_cudnn"] = t_cudnn / best[0]
     # The dispatcher's pallas path: on Hopper the Mosaic GPU kernel (pallas_kernels/dca_prefill_mgpu.py)
-    from zenjax import attention_pallas
+    from zenjax.attention import pallas as attention_pallas
     from zenjax.config import DCAConfig
     f = jax.jit(lambda q, k, v: attention_pallas.attention_lse(q, k, v, q_start=zero, kv_len=full,
                                                              dca=DCAConfig(c, w, c))[0])
@@ -139,7 +139,7 @@ def prefill(res: dict, S: int, c: int, w: int, sweep: bool, rows: list) -> None:
     if t and t_cudnn:
         res[f"prefill_{S}_dispatcher_vs_cudnn"] = t_cudnn / t
     try:
-        from zenjax import attention_cudnn
+        from zenjax.attention import cudnn as attention_cudnn
         dca = DCAConfig(c, w, c)
         # q_start / kv_len are concrete here, so the module cuts the prompt at DCA chunk boundaries itself
         # (one cuDNN call per region and per DCA chunk of rows) and merges by LSE.
@@ -218,7 +218,7 @@ def decode(res: dict, S: int, c: int, w: int, rows: list) -> None:
                                                      interpret=False)[0])
         record(f"  same, kernel only (no merge) splits{splits}", f)
     try:
-        from zenjax import attention_cudnn
+        from zenjax.attention import cudnn as attention_cudnn
         from zenjax.config import DCAConfig
         dca = DCAConfig(c, w, c)
         f = jax.jit(lambda q, k, v: attention_cudnn.attention(q, k, v, q_start=kv_len - 1, kv_len=kv_len,

@@ -1,4 +1,4 @@
-"""GPU correctness check of the cuDNN attention path (zenjax/attention_cudnn.py) against the fp32 reference.
+"""GPU correctness check of the cuDNN attention path (zenjax/attention/cudnn.py) against the fp32 reference.
 
 Run on the GPU machine from the repo root:
     PYTHONPATH=. python3 benchmarks/check_cudnn.py [--out $OUT/check_cudnn.json]
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zenjax import attention_cudnn
+from zenjax.attention import cudnn as attention_cudnn
 from zenjax.attention import reference_attention_lse
 from zenjax.config import DCAConfig
 

@@ -9,7 +9,7 @@ Run on the H100 from the repo root:
    Every case runs (an exception prints its traceback tail and counts as FAIL).
 2. Prefill timing, B=1, 28 q / 4 kv heads, d=128, bf16, the whole prompt as the query (T = S,
    q_start = 0): S = 32K (DCA c=16384, w=2048 -> s=14336) and 128K (c=65536, w=8192 -> s=57344): dense
-   cuDNN causal, the portable Pallas `dca_prefill` (zenjax/attention_pallas.py's defaults), and
+   cuDNN causal, the portable Pallas `dca_prefill` (zenjax/attention/pallas.py's defaults), and
    `dca_prefill_mgpu` in several (block_k, max_concurrent_steps) configs, DCA and plain. TFLOP/s =
    4 * S^2 * N * H / 2 / time for every path. A config that fails to compile prints and is skipped.
 3. Everything goes to --out as JSON.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from zenjax import attention_cudnn
+from zenjax.attention import cudnn as attention_cudnn
 from zenjax.attention import reference_attention_lse
 from zenjax.config import DCAConfig
 

@@ -120,7 +120,7 @@ def test_fp8_halves_linear_weight_bytes(converted):
     def nbytes(e, fp8):
         import jax
         total = 0
-        for path, leaf in jax.tree_util.tree_flatten_with_path(e._state)[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(e.runner._state)[0]:
             keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
             if any(k in FP8_WEIGHTS or (fp8 and isinstance(k, str) and k[:-6] in FP8_WEIGHTS) for k in keys):
                 total += leaf.nbytes

@@ -299,7 +299,7 @@ import numpy as np, zenjax
 ckpt, ref = sys.argv[1], np.load(sys.argv[2])
 e = zenjax.load(ckpt, max_model_len=128, prefill_chunk=16, attention="reference", dtype="float32",
                 tensor_parallel=4, verbose=False)
-w = e._state["layers"][0]["experts_w_gate"][...]
+w = e.runner._state["layers"][0]["experts_w_gate"][...]
 assert w.sharding.spec[2] == "tp" and len(w.sharding.device_set) == 4, w.sharding   # each expert's width
 got, want = e.logits(ref["ids_70"].tolist()), ref["logits_70"]
 print(float(np.abs(got - want).max() / np.abs(want).max()))

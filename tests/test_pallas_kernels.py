@@ -127,13 +127,14 @@ def test_dispatcher_pallas_equals_reference():
     """impl="pallas" through zenjax.attention (adapter picks blocks 16 for s = 48): prefill and decode."""
     q, k, v = _inputs(3, 4, PREFILL_T, True)
     valid = _valid(PREFILL_Q_START, PREFILL_KV_LEN, PREFILL_T)
-    got = dispatcher.attention(q, k, v, q_start=PREFILL_Q_START, kv_len=PREFILL_KV_LEN, impl="pallas", dca=DCA)
-    want = dispatcher.attention(q, k, v, q_start=PREFILL_Q_START, kv_len=PREFILL_KV_LEN, impl="reference",
-                                dca=DCA)
+    meta = dispatcher.AttentionMeta.of(PREFILL_Q_START, PREFILL_KV_LEN, DCA)
+    got = dispatcher.attention(q, k, v, meta, impl="pallas")
+    want = dispatcher.attention(q, k, v, meta, impl="reference")
     assert _max_diff(got, want, valid) <= TOL32
     qd, kl = q[:, :, :1], DECODE_KV_LEN[:4]
-    got = dispatcher.attention(qd, k, v, q_start=kl - 1, kv_len=kl, impl="pallas", dca=DCA)
-    want = dispatcher.attention(qd, k, v, q_start=kl - 1, kv_len=kl, impl="reference", dca=DCA)
+    meta = dispatcher.AttentionMeta.of(kl - 1, kl, DCA)
+    got = dispatcher.attention(qd, k, v, meta, impl="pallas")
+    want = dispatcher.attention(qd, k, v, meta, impl="reference")
     assert _max_diff(got, want, np.ones((4, 1), bool)) <= TOL32
 
 

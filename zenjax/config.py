@@ -5,6 +5,9 @@
                    config when the checkpoint carries `dual_chunk_attention_config`.
 * `MoEConfig`    - the sparse MLP of Qwen2-MoE (spec section 1.2), part of the model config of a
                    `Qwen2MoeForCausalLM` checkpoint.
+* `SparseConfig` - vertical-slash sparse prefill budgets per layer and head (spec section 3.4), built by
+                   `sparse_config_from_json` from Qwen's `sparse_attention_config.json` at load
+                   (`resolve_sparse` picks the file).
 * `EngineConfig` - how one engine instance runs a model (cache length, chunk size, slots, attention
                    implementation), built by `engine_config` from `zenjax.load`'s keyword arguments.
 
@@ -312,3 +315,167 @@ def engine_config(*, max_model_len: int, prefill_chunk: int = 8192, max_batch: i
     return EngineConfig(max_model_len=max_model_len, prefill_chunk=min(prefill_chunk, max_model_len),
                         max_batch=max_batch, attention=resolve_attention(attention, platform, _device_kind(platform)),
                         dtype=dtype, cache_dtype=cache_dtype or dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse (MInference vertical-slash) prefill, spec section 3.4 / 3.5
+# ----------------------------------------------------------------------------------------------
+
+SPARSE_FILE = "sparse_attention_config.json"
+SPARSE_PATTERNS = ("vertical_and_slash",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """Per-head vertical-slash budgets and the knobs vLLM reads from `dual_chunk_attention_config`.
+
+    budgets[l][h] = (vertical, slash) of layer l, head head_offset + h, as in the file (the 30 -> 130
+    quirk is applied by `layer`). threshold: only prompts LONGER than this are prefilled sparse.
+    last_q: queries per prefill piece used to estimate indices. sink / local: keys 0..sink-1 and the
+    `local` nearest diagonals are always kept. Example (Qwen2.5-7B-Instruct-1M, layer 0, head 6):
+    ["vertical_and_slash", 30, 800, 0.997] -> 130 vertical columns and 800 diagonals.
+    """
+
+    budgets: tuple
+    source: str = ""
+    threshold: int = 32768
+    last_q: int = 64
+    sink: int = 30
+    local: int = 100
+    head_offset: int = 0
+
+    def __post_init__(self):
+        for name in ("threshold", "last_q", "sink", "local"):
+            if getattr(self, name) < 0 or (name == "last_q" and self.last_q == 0):
+                raise ConfigError(f"sparse attention: {name}={getattr(self, name)} must be "
+                                  f"{'> 0' if name == 'last_q' else '>= 0'}")
+
+    def __str__(self) -> str:
+        return (f"vertical_and_slash ({self.source or 'budgets given'}; threshold {self.threshold}, "
+                f"last_q {self.last_q})")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.budgets)
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.budgets[0]) if self.budgets else 0
+
+    def layer(self, l: int, rope_theta: float) -> "SparseLayer":
+        vert = tuple(130 if v == 30 else v for v, _ in self.budgets[l])      # vLLM's quirk (spec 3.4)
+        return SparseLayer(vertical=vert, slash=tuple(s for _, s in self.budgets[l]), last_q=self.last_q,
+                           sink=self.sink, local=self.local, rope_theta=float(rope_theta))
+
+    def shard(self, rank: int, tp: int) -> "SparseConfig":
+        """The heads of tensor-parallel rank `rank` of `tp`: [rank*N/tp, (rank+1)*N/tp), as vLLM keeps them."""
+        n = self.num_heads
+        if tp <= 0 or n % tp or not 0 <= rank < tp:
+            raise ConfigError(f"sparse attention: cannot take rank {rank} of tensor_parallel={tp} from "
+                              f"{n} heads")
+        per = n // tp
+        return dataclasses.replace(self, budgets=tuple(b[rank * per:(rank + 1) * per] for b in self.budgets),
+                                   head_offset=self.head_offset + rank * per)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseLayer:
+    """One layer's static sparse settings, what the attention dispatcher needs (zenjax/attention/sparse.py)."""
+
+    vertical: tuple      # [N] vertical budgets (quirk applied)
+    slash: tuple         # [N] slash budgets
+    last_q: int
+    sink: int
+    local: int
+    rope_theta: float    # the estimator rotates q_intra to the critical positions (spec 2.2)
+
+
+def sparse_config_from_json(entries: Any, cfg: ModelConfig, *, source: str,
+                            dca_hf: Mapping[str, Any] | None = None) -> SparseConfig:
+    """The one function that builds a SparseConfig: Qwen's per-head file content (spec 3.4) checked
+    against the model, plus vLLM's knobs from a `dual_chunk_attention_config` dict (defaults when absent).
+    Refuses (ConfigError naming `source` and the entry) a wrong number of layers or heads, an unknown
+    pattern, or a budget that is not a non-negative integer."""
+    def bad(where: str, why: str):
+        raise ConfigError(f"{source}: {where}: {why}")
+
+    if not isinstance(entries, list):
+        bad("top level", f"expected a list of {cfg.num_layers} layers, got {type(entries).__name__}")
+    if len(entries) != cfg.num_layers:
+        bad("top level", f"{len(entries)} layers, the model has {cfg.num_layers}")
+    want = {str(h) for h in range(cfg.num_heads)}
+    budgets = []
+    for l, layer in enumerate(entries):
+        if not isinstance(layer, dict) or set(layer) != want:
+            got = sorted(layer, key=lambda x: (len(x), x)) if isinstance(layer, dict) else type(layer).__name__
+            bad(f"layer {l}", f"expected heads '0'..'{cfg.num_heads - 1}', got {str(got)[:80]}")
+        row = []
+        for h in range(cfg.num_heads):
+            e = layer[str(h)]
+            if not isinstance(e, (list, tuple)) or len(e) < 3:
+                bad(f"layer {l}, head '{h}'", f"expected [pattern, vertical, slash, score], got {e!r}")
+            if e[0] not in SPARSE_PATTERNS:
+                bad(f"layer {l}, head '{h}'", f"pattern {e[0]!r} is not supported (only {SPARSE_PATTERNS})")
+            for what, x in (("vertical budget", e[1]), ("slash budget", e[2])):
+                if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+                    bad(f"layer {l}, head '{h}'", f"{what} {x!r} must be an integer >= 0")
+            row.append((int(e[1]), int(e[2])))
+        budgets.append(tuple(row))
+    d = dict(dca_hf or {})
+    knobs = dict(threshold=int(d.get("sparse_attention_threshold", 32768)),
+                 last_q=int(d.get("sparse_attention_last_q", 64)))
+    return SparseConfig(budgets=tuple(budgets), source=source, **knobs)
+
+
+def sparse_enabled(dca_hf: Mapping[str, Any] | None, file_present: bool) -> bool:
+    """vLLM's `sparse_attention_enabled`: true when the file exists unless the config says otherwise."""
+    return bool((dca_hf or {}).get("sparse_attention_enabled", file_present)) and file_present
+
+
+def resolve_sparse(choice, cfg: ModelConfig, *, checkpoint_dir=None, meta: Mapping | None = None):
+    """zenjax.load's `sparse=` -> SparseConfig or None (dense prefill).
+
+    True: the checkpoint's `sparse_attention_config.json` (beside zenjax_config.json, else the copy the
+    converter put into its metadata), None when it has none; False: off; a path: that file; a
+    SparseConfig: used as is (checked against the model's layers and heads)."""
+    import json
+    from pathlib import Path
+    if choice is False or choice is None:
+        return None
+    if isinstance(choice, SparseConfig):
+        if choice.num_layers != cfg.num_layers or choice.num_heads != cfg.num_heads:
+            raise ConfigError(f"sparse: SparseConfig has {choice.num_layers} layers x {choice.num_heads} "
+                              f"heads, the model {cfg.num_layers} x {cfg.num_heads}")
+        return choice
+    # vLLM's knobs live in the HF config's dual_chunk_attention_config, kept in the checkpoint's metadata
+    dca_hf = (((meta or {}).get("source") or {}).get("hf_config") or {}).get("dual_chunk_attention_config")
+    if choice is True:
+        f = Path(checkpoint_dir) / SPARSE_FILE if checkpoint_dir is not None else None
+        if f is not None and f.is_file():
+            choice = f
+        elif (meta or {}).get("sparse_attention_config") is not None:
+            if not sparse_enabled(dca_hf, True):
+                return None
+            return sparse_config_from_json(meta["sparse_attention_config"], cfg, dca_hf=dca_hf,
+                                           source=f"{checkpoint_dir}/zenjax_config.json:sparse_attention_config")
+        else:
+            return None
+    f = Path(choice)
+    try:
+        entries = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{f}: cannot read a sparse attention config ({e})") from e
+    if not sparse_enabled(dca_hf, True):
+        return None
+    return sparse_config_from_json(entries, cfg, source=str(f), dca_hf=dca_hf)
+
+
+def parse_sparse_choice(text: str):
+    """The --sparse option of the server and the eval: 'auto' -> "auto" (zenjax.load's default), 'on' ->
+    True (the checkpoint's file if any), 'off' -> False, else a path to a sparse_attention_config.json."""
+    from pathlib import Path
+    if text in ("auto", "on", "off"):
+        return {"auto": "auto", "on": True, "off": False}[text]
+    if not Path(text).is_file():
+        raise ConfigError(f"--sparse {text!r}: expected auto, off, or an existing sparse_attention_config.json")
+    return Path(text)

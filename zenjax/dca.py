@@ -10,7 +10,7 @@ How DCA is run (zenjax/model.py and the attention implementations):
         q_inter  = min(2s - 1, c)  (a constant) (for keys two or more DCA chunks back)
      with c = chunk_size, w = local_size, s = c - w.
   2. Each query is rotated three ways, each key once; attention picks the query variant per key
-     region (zenjax.attention.reference_attention_lse, zenjax.attention_cudnn, the Pallas kernels).
+     region (zenjax.attention.reference_attention_lse, zenjax.attention.cudnn, the Pallas kernels).
 
 The oracle below does NOT use step 2. It builds the relative-distance matrix Delta[p, j] of spec 2.2
 directly from the chunk indices of p and j, and computes each logit as q_p . R(Delta[p, j]) k_j with

@@ -21,11 +21,17 @@ textstream.TextStream the text. The Engine only routes between them; the schedul
 Pieces never cross a DCA chunk boundary (multiples of s = chunk_size - local_size), so every prefill step
 sees queries of one DCA chunk (what the cuDNN DCA path relies on) at the cost of at most one extra step
 per DCA chunk.
+
+Sparse prefill (zenjax/attention/sparse.py): with a SparseConfig, every piece of a prompt longer than
+its threshold runs the runner's `prefill_sparse` step (same bucket shapes; per layer the indices are
+estimated from the piece's last queries); `stats()` counts prompt tokens prefilled sparse and dense.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zenjax.config import DCAConfig, EngineConfig, ModelConfig, engine_config, with_dca
+from zenjax.config import DCAConfig, EngineConfig, ModelConfig, SparseConfig, engine_config, resolve_sparse, with_dca
 from zenjax.prompt import encode_prompt
 from zenjax.runner import CACHE_ALIGN, DECODE_BLOCK, Runner  # noqa: F401  (re-exported)
 from zenjax.sampling import SamplingParams, slot_values
@@ -64,12 +70,16 @@ class DecodeCall:
 
 class Engine:
     def __init__(self, cfg: ModelConfig, params: dict, ec: EngineConfig, *, tokenizer=None,
-                 eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True):
+                 eos_token_ids: Sequence[int] = (), mesh=None, verbose: bool = True,
+                 sparse: SparseConfig | None = None):
         self.config, self.engine_config, self.tokenizer = cfg, ec, tokenizer
+        # sparse prefill (prompts longer than sparse.threshold); counts prompt tokens per kind for stats()
+        self.sparse = sparse
+        self._stats = collections.Counter(sparse_prefill_tokens=0, dense_prefill_tokens=0)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.mesh = mesh if mesh is not None else make_mesh(1)
         self.max_batch = ec.max_batch
-        self.runner = Runner(cfg, params, ec, self.mesh, verbose=verbose)
+        self.runner = Runner(cfg, params, ec, self.mesh, verbose=verbose, sparse=sparse)
         self.cache_len, self.cache_bytes = self.runner.cache_len, self.runner.cache_bytes
         self.decode_block = self.runner.decode_block
         self._seqs: dict[int, SequenceState] = {}
@@ -85,6 +95,14 @@ class Engine:
     def compiled_shapes(self) -> dict[str, tuple]:
         """The bounded set of step shapes this engine compiles (see zenjax/runner.py)."""
         return self.runner.compiled_shapes()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: prompt tokens prefilled sparse and dense."""
+        return dict(self._stats)
+
+    def prefills_sparse(self, prompt_len: int) -> bool:
+        """Whether a prompt of this length is prefilled sparse (vLLM: longer than the threshold)."""
+        return self.sparse is not None and prompt_len > self.sparse.threshold
 
     # ---------------------------------------------------------------- host helpers
     def prefill_plan(self, prompt_len: int) -> list[tuple[int, int]]:
@@ -133,7 +151,9 @@ class Engine:
         """Run the next prefill piece of `slot`; after the last one, sample and return the first token."""
         seq = self._seqs[slot]
         start, end = seq.next_piece()
-        logits = self.runner.prefill(slot, seq.prompt_ids, start, end)
+        sparse = self.prefills_sparse(seq.prompt_len)
+        logits = self.runner.prefill(slot, seq.prompt_ids, start, end, sparse=sparse)
+        self._stats["sparse_prefill_tokens" if sparse else "dense_prefill_tokens"] += end - start
         seq.prefilled = end
         if end < seq.prompt_len:
             return None
@@ -261,7 +281,7 @@ class Engine:
 def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 8192, max_batch: int = 1,
          attention: str = "auto", dtype: str | None = None, cache_dtype: str | None = None,
          dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True,
-         quantization: str | None = None) -> Engine:
+         quantization: str | None = None, sparse: "bool | str | SparseConfig | Path" = "auto") -> Engine:
     """Load a converted checkpoint (None: the embedded default) into an Engine.
 
     quantization: None keeps the checkpoint's weights (fp8 if it was converted with --quantization fp8);
@@ -269,15 +289,27 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
 
     dca: True keeps the checkpoint's dual_chunk_attention_config; False turns DCA off; a DCAConfig
     enables or overrides it for any Qwen2 checkpoint.
+    sparse: "auto" = True when the attention implementation has a validated sparse path
+    (zenjax.attention.sparse_ready), else dense; True uses the checkpoint's sparse_attention_config.json
+    when it has one (vLLM's default); False prefills dense; a path or a SparseConfig gives the budgets
+    (zenjax.config.resolve_sparse).
     """
     from zenjax.checkpoint import load_checkpoint, read_config
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     cfg, meta = read_config(path)
     cfg = with_dca(cfg, dca)
+    sparse_cfg = resolve_sparse(True if sparse == "auto" else sparse, cfg, checkpoint_dir=path, meta=meta)
     dtype = dtype or meta.get("dtype", "bfloat16")
     ec = engine_config(max_model_len=max_model_len or min(cfg.max_position_embeddings, 32768),
                        prefill_chunk=prefill_chunk, max_batch=max_batch, attention=attention, dtype=dtype,
                        cache_dtype=cache_dtype, platform=jax.default_backend())
+    if sparse == "auto" and sparse_cfg is not None:
+        from zenjax.attention import sparse_ready
+        if not sparse_ready(ec.attention):
+            if verbose:
+                print(f"zenjax: {sparse_cfg.source}: sparse prefill stays off with attention={ec.attention} "
+                      "(no validated sparse path; pass sparse=True to force it)", file=sys.stderr)
+            sparse_cfg = None
     mesh = make_mesh(tensor_parallel)
 
     def put(path_tuple, spec, array):
@@ -298,4 +330,5 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
         tokenizer = Tokenizer.from_dir(path)
     eos = meta.get("generation", {}).get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else list(eos or [])
-    return Engine(cfg, params, ec, tokenizer=tokenizer, eos_token_ids=eos, mesh=mesh, verbose=verbose)
+    return Engine(cfg, params, ec, tokenizer=tokenizer, eos_token_ids=eos, mesh=mesh, verbose=verbose,
+                  sparse=sparse_cfg)

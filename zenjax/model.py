@@ -166,12 +166,14 @@ class Qwen2(nnx.Module):
         m = temp[:, None, None, None].astype(q.dtype)
         return q3 * m, k * m
 
-    def __call__(self, inp: StepInputs, cache: KVCache, *, impl: str, slot=None, logits_rows=None):
+    def __call__(self, inp: StepInputs, cache: KVCache, *, impl: str, slot=None, logits_rows=None,
+                 sparse=None):
         """Run one step. slot=None: rows are the cache's batch rows (decode). slot=i (traced int):
         the single row of `inp` is cache row i (prefill of one slot among several).
 
         logits_rows: None -> logits for every token [B, T, V] (short inputs only); an int array [B] ->
         logits of that row of each sequence [B, V]. Returns (logits float32, new cache).
+        sparse: a SparseConfig for a sparse prefill step (zenjax/attention/sparse.py), else None (dense).
         """
         cfg = self.cfg
         B, T = inp.tokens.shape
@@ -186,8 +188,9 @@ class Qwen2(nnx.Module):
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
             k_read, v_read, ks_read, vs_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
                                                                     new_k, new_v, new_ks, new_vs)
-            a = attn_lib.attention(q, k_read, v_read, q_start=inp.q_start, kv_len=inp.kv_len,
-                                   impl=impl, dca=cfg.dca, k_scale=ks_read, v_scale=vs_read)
+            meta = attn_lib.AttentionMeta(inp.q_start, inp.kv_len, cfg.dca,
+                                          None if sparse is None else sparse.layer(l, cfg.rope_theta))
+            a = attn_lib.attention(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read)
             x = x + output_projection(w, a.astype(x.dtype))
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
             x = x + (moe_mlp(w, h, cfg.moe) if cfg.is_moe_layer(l) else dense_mlp(w, h))

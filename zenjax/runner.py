@@ -80,8 +80,10 @@ def _where_rows(active, new, old):
 
 
 class Runner:
-    def __init__(self, cfg: ModelConfig, params: dict, ec: EngineConfig, mesh, verbose: bool = True):
+    def __init__(self, cfg: ModelConfig, params: dict, ec: EngineConfig, mesh, verbose: bool = True,
+                 sparse=None):
         self.config, self.engine_config, self.mesh = cfg, ec, mesh
+        self.sparse = sparse               # SparseConfig | None: budgets of the prefill_sparse step
         self.max_batch = ec.max_batch
         self.decode_block = DECODE_BLOCK
         self.buckets = prefill_buckets(ec.prefill_chunk, cfg.dca.chunk_len if cfg.dca else None)
@@ -127,9 +129,12 @@ class Runner:
         """The bounded set of step shapes this runner compiles: prefill [1, T] per bucket; decode
         [max_batch, 1] run up to decode_block times in one call."""
         B = self.max_batch
-        return {"prefill": tuple((1, T) for T in self.buckets),
-                "prefill_all_logits": tuple((1, T) for T in self.buckets),
-                "decode": (B, 1), "decode_block": self.decode_block}
+        shapes = {"prefill": tuple((1, T) for T in self.buckets),
+                  "prefill_all_logits": tuple((1, T) for T in self.buckets),
+                  "decode": (B, 1), "decode_block": self.decode_block}
+        if self.sparse is not None:    # + per layer the estimator's top-k sizes (static, from the budgets)
+            shapes["prefill_sparse"] = shapes["prefill"]
+        return shapes
 
     # ---------------------------------------------------------------- jitted steps
     def _build_steps(self):
@@ -140,6 +145,11 @@ class Runner:
         def prefill(state, cache, inp, slot, last_row):
             self.trace_counts["prefill"] += 1
             return nnx.merge(graphdef, state)(inp, cache, impl=impl, slot=slot, logits_rows=last_row)
+
+        def prefill_sparse(state, cache, inp, slot, last_row):
+            self.trace_counts["prefill_sparse"] += 1
+            return nnx.merge(graphdef, state)(inp, cache, impl=impl, slot=slot, logits_rows=last_row,
+                                              sparse=self.sparse)
 
         def prefill_all(state, cache, inp, slot):
             self.trace_counts["prefill_all_logits"] += 1
@@ -197,6 +207,7 @@ class Runner:
             return sampler, ds
 
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
+        self._prefill_sparse = jax.jit(prefill_sparse, donate_argnums=(1,))
         self._prefill_all = jax.jit(prefill_all, donate_argnums=(1,))
         self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
         self._sample_first = jax.jit(sample_first, donate_argnums=(0, 1))
@@ -225,11 +236,13 @@ class Runner:
                           kv_len=jnp.asarray([end], jnp.int32), write_pos=jnp.asarray(write_pos),
                           temp=jnp.asarray([self.temperature(total_len)], jnp.float32))
 
-    def prefill(self, slot: int, ids, start: int, end: int) -> jax.Array:
-        """Prefill ids[start:end] into row `slot`; returns the last row's logits [1, V] (device)."""
+    def prefill(self, slot: int, ids, start: int, end: int, sparse: bool = False) -> jax.Array:
+        """Prefill ids[start:end] into row `slot` (sparse: through the vertical-slash step); returns the
+        last row's logits [1, V] (device)."""
         inp = self._piece_inputs(ids, start, end, len(ids))
         row = jnp.asarray([end - start - 1], jnp.int32)
-        logits, self.cache = self._prefill(self._state, self.cache, inp, jnp.int32(slot), row)
+        step = self._prefill_sparse if sparse else self._prefill
+        logits, self.cache = step(self._state, self.cache, inp, jnp.int32(slot), row)
         return logits
 
     def prefill_all_logits(self, slot: int, ids, start: int, end: int) -> np.ndarray:

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dca", default=None, metavar="CHUNK,LOCAL[,ORIG]",
                    help="DCA config overriding the checkpoint's (ORIG defaults to its max_position_embeddings)")
     p.add_argument("--attention", default="reference", help="reference | cudnn | pallas | auto")
+    p.add_argument("--sparse", default="auto", metavar="auto|on|off|PATH",
+                   help="sparse prefill: the checkpoint's sparse_attention_config.json (auto), off, or a file")
     p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--max-seconds", type=float, default=None, help="stop starting new cells after this")
@@ -63,11 +65,13 @@ def run_passkey(args) -> dict:
             raise ValueError("--dca and --no-dca contradict each other")
         dca = parse_dca(args.dca, args.checkpoint)
     if args.server:
-        if args.checkpoint or args.no_dca or args.dca:
-            raise ValueError("--server: --checkpoint and --no-dca/--dca are the server's choice, not the client's")
+        if args.checkpoint or args.no_dca or args.dca or args.sparse != "auto":
+            raise ValueError("--server: --checkpoint, --no-dca/--dca and --sparse are the server's choice, not the client's")
         backend = pk.ServerBackend(args.server)
     else:
+        from zenjax.config import parse_sparse_choice
         backend = pk.LocalBackend(args.checkpoint, dca=dca, attention=args.attention,
+                                  sparse=parse_sparse_choice(args.sparse),
                                   prefill_chunk=args.prefill_chunk, dtype=args.dtype)
     result = pk.evaluate(backend, lengths, pk.depth_grid(args.depths), samples=args.samples, seed=args.seed,
                          max_seconds=args.max_seconds)

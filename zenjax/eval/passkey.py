@@ -194,7 +194,7 @@ class LocalBackend:
     """zenjax.load of a checkpoint; one engine per evaluation length (max_model_len = length)."""
 
     def __init__(self, checkpoint=None, *, dca=True, attention: str = "reference",
-                 prefill_chunk: int = 2048, dtype: str = "float32"):
+                 prefill_chunk: int = 2048, dtype: str = "float32", sparse="auto"):
         """dca: True (the checkpoint's config), False (off) or a DCAConfig (override), as zenjax.load.
         prefill_chunk is the engine's: it pads each piece only to the smallest prefill bucket that holds
         it (never past the DCA chunk length), so no cap is needed here."""
@@ -202,7 +202,7 @@ class LocalBackend:
         from zenjax.config import with_dca
         from zenjax.tokenizer import Tokenizer
         self.checkpoint, self.dca, self.attention = checkpoint, dca, attention
-        self.prefill_chunk, self.dtype = prefill_chunk, dtype
+        self.prefill_chunk, self.dtype, self.sparse = prefill_chunk, dtype, sparse
         path = Path(checkpoint) if checkpoint is not None else None
         if path is None:
             from zenjax.engine import DEFAULT_CHECKPOINT
@@ -215,7 +215,8 @@ class LocalBackend:
     def describe(self) -> dict:
         dca = self.cfg.dca.to_hf() if self.cfg.dca else None
         return {"backend": "local", "checkpoint": str(self.checkpoint or "embedded-default"), "dca": dca,
-                "attention": self.attention, "prefill_chunk": self.prefill_chunk, "dtype": self.dtype}
+                "attention": self.attention, "prefill_chunk": self.prefill_chunk, "dtype": self.dtype,
+                "sparse": {True: "on", False: "off"}.get(self.sparse, str(self.sparse))}
 
     def answer(self, prompt: PasskeyPrompt, length: int) -> str:
         import zenjax
@@ -223,7 +224,7 @@ class LocalBackend:
             self._engine = None          # free the previous cache before allocating the next
             self._engine = zenjax.load(self.checkpoint, max_model_len=length,
                                        prefill_chunk=self.prefill_chunk, attention=self.attention,
-                                       dtype=self.dtype, dca=self.dca, verbose=False)
+                                       dtype=self.dtype, dca=self.dca, sparse=self.sparse, verbose=False)
             self._engine_len = length
         out = self._engine.generate(prompt.ids, zenjax.SamplingParams(max_new_tokens=MAX_NEW_TOKENS))
         return out.text

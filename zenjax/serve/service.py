@@ -58,6 +58,7 @@ class ServerConfig:
     log_level: str = "INFO"
     dca: str = "auto"                 # auto (the checkpoint's), off, or "CHUNK,LOCAL,ORIGINAL_MAX"
     cache_dtype: str | None = None    # None: the model dtype; float8_e4m3fn halves the KV cache
+    sparse: str = "auto"              # auto (the checkpoint's sparse_attention_config.json), on, off, or a PATH
     served_model_name: str | None = None   # None: the checkpoint directory's name ("embedded-default")
     reflection: bool = True           # gRPC server reflection (grpcurl); --no-reflection turns it off
     tls_cert: str | None = None       # PEM certificate chain + key: TLS on both front ends
@@ -96,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="Dual Chunk Attention: auto (as the checkpoint says), off, or CHUNK,LOCAL,ORIGINAL_MAX "
                          "to enable it on any Qwen2 checkpoint (e.g. 262144,8192,262144)")
     ap.add_argument("--cache-dtype", default=d.cache_dtype, help="KV cache dtype: bfloat16 | float8_e4m3fn")
+    ap.add_argument("--sparse", default=d.sparse,
+                    help="sparse vertical-slash prefill for prompts over the threshold: auto (the checkpoint's "
+                         "sparse_attention_config.json if present and the attention implementation has a validated "
+                         "sparse path), on (the checkpoint's file), off, or PATH to such a file")
     ap.add_argument("--served-model-name", default=None,
                     help="the model name clients send and /v1/models lists (default: the checkpoint "
                          "directory's name, or embedded-default)")
@@ -130,6 +135,8 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--api-key-file", a.api_key_file is None or os.path.isfile(a.api_key_file), "is not a file")]
     checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
                    "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
+    checks.append(("--sparse", a.sparse in ("auto", "on", "off") or os.path.isfile(a.sparse),
+                   "must be auto, on, off or an existing sparse_attention_config.json"))
     for flag, ok, why in checks:
         if not ok:
             ap.error(f"{flag}={getattr(a, flag[2:].replace('-', '_'))} {why}")
@@ -143,7 +150,7 @@ def config_from_args(argv=None) -> ServerConfig:
                         http_port=a.http_port, max_batch=a.max_batch, max_model_len=a.max_model_len,
                         prefill_chunk=a.prefill_chunk, max_queue=a.max_queue, metrics_port=a.metrics_port,
                         attention=a.attention, grace_seconds=a.grace_seconds, log_level=a.log_level, dca=a.dca,
-                        cache_dtype=a.cache_dtype, served_model_name=a.served_model_name,
+                        cache_dtype=a.cache_dtype, sparse=a.sparse, served_model_name=a.served_model_name,
                         reflection=not a.no_reflection, tls_cert=a.tls_cert, tls_key=a.tls_key, api_key=api_key,
                         allow_special_tokens_in_content=a.allow_special_tokens_in_content)
 
@@ -236,6 +243,8 @@ class Service:
                 kw["dca"] = False if c.dca == "off" else parse_dca(c.dca)
             if c.cache_dtype:
                 kw["cache_dtype"] = c.cache_dtype
+            from zenjax.config import parse_sparse_choice
+            kw["sparse"] = parse_sparse_choice(c.sparse)
             self.engine = zenjax.load(c.checkpoint, **kw)
         t1 = time.monotonic()
         self.engine.warmup()       # compiles every prefill bucket and the decode call up front

@@ -1,6 +1,6 @@
 """Attention through cuDNN flash attention: plain RoPE and Dual Chunk Attention, merged by log-sum-exp.
 
-Contract: zenjax/attention.py (shapes, semantics); this module equals `reference_attention_lse` there.
+Contract: zenjax/attention/__init__.py (shapes, semantics); this module equals `reference_attention_lse` there.
 
 The walk. Every step is split into "partials": one cuDNN call each, over a contiguous key range with one
 query variant and a mask cuDNN has natively (none, causal, or "keys < seqlen"). Each partial returns its
@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from zenjax.attention import reference_attention_lse
+from zenjax.attention.reference import reference_attention_lse
 from zenjax.config import DCAConfig
 
 _IMPLEMENTATIONS = ("cudnn", "cudnn_public", "xla")
@@ -258,7 +258,12 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
 
 def attention(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
               _implementation: str = "cudnn"):
-    """The dispatcher's `cudnn` implementation; contract in zenjax/attention.py. Returns q's dtype."""
+    """The dispatcher's `cudnn` implementation; contract in zenjax/attention/__init__.py. Returns q's dtype."""
     out, _ = attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca,
                            _implementation=_implementation)
     return out.astype(q.dtype)
+
+
+def run(q, k_cache, v_cache, meta):
+    """The dispatcher's entry: (out, lse) float32."""
+    return attention_lse(q, k_cache, v_cache, q_start=meta.q_start, kv_len=meta.kv_len, dca=meta.dca)

@@ -1,6 +1,6 @@
 """impl="pallas" of the attention dispatcher: routes to the Pallas DCA kernels in pallas_kernels/.
 
-Same contract as zenjax/attention.py (shapes, semantics, padding rows): q [B,T,N,H] (plain) or
+Same contract as zenjax/attention/__init__.py (shapes, semantics, padding rows): q [B,T,N,H] (plain) or
 [3,B,T,N,H] (DCA: intra, succ, inter), k_cache / v_cache [B,S,K,H], q_start / kv_len [B] int32.
 A step with T <= DECODE_MAX_T queries goes to the split-K decode kernel (it parallelizes over the keys),
 longer query chunks to a prefill kernel (it parallelizes over query tiles): on a GPU with bf16/f16 inputs
@@ -85,9 +85,29 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
                        num_stages=PREFILL_STAGES, interpret=interpret)
 
 
-def attention(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None, k_scale=None,
-              v_scale=None):
-    """The dispatcher's entry point: the attention output [B,T,N,H] in q's dtype."""
-    out, _ = attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca, k_scale=k_scale,
-                           v_scale=v_scale)
-    return out
+READS_FP8 = True     # the decode kernel reads an e4m3 cache and its scales itself (see attention_lse)
+
+
+def run(q, k_cache, v_cache, meta, k_scale=None, v_scale=None):
+    """The dispatcher's entry: (out in q's dtype, lse float32)."""
+    return attention_lse(q, k_cache, v_cache, q_start=meta.q_start, kv_len=meta.kv_len, dca=meta.dca,
+                         k_scale=k_scale, v_scale=v_scale)
+
+
+# The Mosaic GPU sparse kernel passes its interpret-mode test but has NOT been run on a GPU yet
+# (benchmarks/sparse_kernel.py): until it has, sparse="auto" does not turn sparse prefill on for this
+# implementation; an explicit sparse=True / path / SparseConfig still uses it.
+SPARSE_READY = False
+
+
+def run_sparse(q, k_cache, v_cache, meta):
+    """Sparse prefill (zenjax/attention/sparse.py's mask): on Hopper with bf16/f16, H % 64 == 0 and a DCA
+    chunk length that is a multiple of 128 (or plain RoPE), the Mosaic GPU kernel
+    `pallas_kernels.vs_prefill_mgpu`; otherwise the plain-jnp reference."""
+    from zenjax.attention import sparse
+    s = None if meta.dca is None else meta.dca.chunk_len
+    if _use_mgpu(q, None) and (s is None or s % 128 == 0):
+        from pallas_kernels.vs_prefill_mgpu import vs_prefill_mgpu
+        return vs_prefill_mgpu(q, k_cache, v_cache, meta.q_start, meta.kv_len, meta.indices.vertical,
+                               meta.indices.slash, chunk_len=s, interpret=False)
+    return sparse.run_sparse(q, k_cache, v_cache, meta)

@@ -1,0 +1,86 @@
+"""The attention dispatcher: the model's only way into attention kernels.
+
+One call covers prefill chunks and decode steps, plain RoPE, Dual Chunk Attention and sparse prefill:
+
+    out = attention(q, k_cache, v_cache, meta, impl="reference" | "cudnn" | "pallas")
+    out, lse = attention_lse(q, k_cache, v_cache, meta, impl=...)
+
+Shapes (alphabet of zenjax/model.py):
+    q        [B, T, N, H]      plain: queries rotated with their absolute positions
+             [3, B, T, N, H]   DCA: the same queries rotated three ways, (intra, succ, inter), spec 2.2
+    k_cache  [B, S, K, H]      keys already written for this step (DCA: rotated with j mod s)
+    v_cache  [B, S, K, H]
+    meta     AttentionMeta     q_start [B], kv_len [B], dca, sparse budgets / indices (meta.py)
+    out      [B, T, N, H]      in q's dtype;  lse [B, T, N] float32 (natural log)
+
+Semantics: query row t (absolute p = q_start + t) attends keys j <= p, j < kv_len, with softmax scale
+1/sqrt(H); rows t >= kv_len - q_start are padding (finite output, ignored). The DCA temperature m(L) is
+applied by the model to q and k before they get here (vLLM's convention, spec 2.6), so every
+implementation uses the plain scale. With DCA, the key j is seen by q_intra when floor(j/s) == floor(p/s),
+by q_succ when it is one DCA chunk back, by q_inter otherwise. With `meta.sparse` set (a prefill step of
+a prompt longer than the sparse threshold), row t attends only the keys of the vertical-slash mask
+defined in zenjax/attention/sparse.py, estimated from this step's queries unless `meta.indices` is given.
+
+Implementations live in a registry, `IMPLS`: name -> module, imported on first use (cudnn / pallas pull in
+GPU-only code). A module provides `run(q, k, v, meta) -> (out, lse)` for dense attention and may provide
+`run_sparse(q, k, v, meta)`; without one the sparse step uses the reference's (plain jnp). `reference` is
+O(T*S) memory (tests, CPU, short inputs); the others must equal it within the tolerance their tests state.
+"""
+from __future__ import annotations
+
+import importlib
+
+from zenjax.attention.meta import AttentionMeta
+from zenjax.attention.reference import NEG_INF, attention_mask, dca_region, reference_attention_lse
+
+__all__ = ["AttentionMeta", "IMPLS", "attention", "attention_lse", "implementation", "sparse_ready",
+           "reference_attention_lse",
+           "attention_mask", "dca_region", "NEG_INF"]
+
+IMPLS = {
+    "reference": "zenjax.attention.reference",
+    "cudnn": "zenjax.attention.cudnn",
+    "pallas": "zenjax.attention.pallas",
+}
+
+
+def implementation(impl: str):
+    """The module registered under `impl`."""
+    if impl not in IMPLS:
+        raise ValueError(f"attention impl={impl!r}: expected one of {', '.join(IMPLS)}")
+    return importlib.import_module(IMPLS[impl])
+
+
+def sparse_ready(impl: str) -> bool:
+    """Whether `impl` has a validated, memory-bounded sparse prefill path (its module's SPARSE_READY).
+    The reference's is O(T*S) but it is the reference; cudnn has none."""
+    return bool(getattr(implementation(impl), "SPARSE_READY", False))
+
+
+def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None):
+    """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the implementation `impl`.
+
+    An e4m3 cache comes with its [B,S,K] float32 scales: a module with READS_FP8 gets them as they are
+    (pallas: the decode kernel scales e4m3 tiles in registers, no dequantized copy of the layer's cache);
+    every other path, sparse prefill included, gets a dequantized copy in q's dtype."""
+    mod = implementation(impl)
+    dense = meta.sparse is None and meta.indices is None
+    if k_scale is not None and not (dense and getattr(mod, "READS_FP8", False)):
+        from zenjax.model import dequantize_fp8
+        k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
+        k_scale = v_scale = None
+    if dense:
+        scales = {} if k_scale is None else dict(k_scale=k_scale, v_scale=v_scale)
+        out, lse = mod.run(q, k_cache, v_cache, meta, **scales)
+        return out.astype(q.dtype), lse
+    from zenjax.attention import sparse
+    if meta.indices is None:
+        meta = meta.replace(indices=sparse.estimate(q, k_cache, meta))
+    run_sparse = getattr(mod, "run_sparse", None) or sparse.run_sparse
+    out, lse = run_sparse(q, k_cache, v_cache, meta)
+    return out.astype(q.dtype), lse
+
+
+def attention(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None):
+    """The attention output [B,T,N,H] in q's dtype; see the module docstring for the contract."""
+    return attention_lse(q, k_cache, v_cache, meta, impl=impl, k_scale=k_scale, v_scale=v_scale)[0]
