@@ -7,9 +7,18 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 lengths = [int(x) for x in (sys.argv[1] if len(sys.argv) > 1 else "8192,32768,131072").split(",")]
 dec_ctx = [int(x) for x in (sys.argv[2] if len(sys.argv) > 2 else "8192,131072").split(",")]
-cfg = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1010000,
-                  rope_theta=1e7, rms_norm_eps=1e-5, tie_word_embeddings=False)
+MOE = len(sys.argv) > 3 and sys.argv[3] == "moe"      # zenjax addition: the Qwen1.5-MoE-A2.7B shape
+if MOE:
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM as Qwen2ForCausalLM
+    cfg = Qwen2MoeConfig(vocab_size=151936, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=16, num_experts=60, num_experts_per_tok=4,
+                         moe_intermediate_size=1408, shared_expert_intermediate_size=5632,
+                         max_position_embeddings=65536, rope_theta=1e6, rms_norm_eps=1e-6,
+                         tie_word_embeddings=False)
+else:
+    cfg = Qwen2Config(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                      num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=1010000,
+                      rope_theta=1e7, rms_norm_eps=1e-5, tie_word_embeddings=False)
 cfg._attn_implementation = "sdpa"
 torch.manual_seed(0)
 with torch.device("meta"):
@@ -21,8 +30,10 @@ with torch.no_grad():
         else: p.normal_(0, 0.02)
 m.eval()
 D, F, N, K, H, Lyr = 3584, 18944, 28, 4, 128, 28
-lp = Lyr * (D * (N + 2 * K) * H + N * H * D + 3 * D * F)
-print(json.dumps(dict(peer="transformers", torch=torch.__version__, device=torch.cuda.get_device_name(),
+if MOE:     # weights one token multiplies by: router, 4 of 60 experts, the shared expert and its gate
+    D, F, N, K, H, Lyr = 2048, 4 * 1408 + 5632, 16, 16, 128, 24
+lp = Lyr * (D * (N + 2 * K) * H + N * H * D + 3 * D * F + (61 * D if MOE else 0))
+print(json.dumps(dict(peer="transformers", shape="qwen1.5-moe-a2.7b" if MOE else "qwen2.5-7b", torch=torch.__version__, device=torch.cuda.get_device_name(),
                       attn=m.config._attn_implementation)), flush=True)
 
 def prefill(L):

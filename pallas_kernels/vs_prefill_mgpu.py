@@ -21,7 +21,10 @@ Walk (wrapper, plain jnp, then one kernel):
 4. Kernel: one CTA = 128 query rows (two compute warpgroups of 64, as dca_prefill_mgpu.py) of one q head.
    The memory warpgroup streams steps 0..nblk+nvt-1 into a 2-slot TMA ring: step t < nblk loads key
    block blocks[t] of the cache and its keypos slice, later steps the gathered column tile and its vcols
-   slice. Only these tiles are ever loaded. A compute warpgroup runs flash attention over the steps with
+   slice. Only these tiles are ever loaded. The tile's key positions (keypos or vcols, 512 bytes) are
+   read by the compute warpgroups straight from global memory (L2) into registers: an SMEM ring for them
+   put the kernel 136 bytes over the H200's 232,448 bytes of shared memory (measured 2026-12-02; every
+   SMEM buffer is padded to 1 KiB and Mosaic keeps 2 KiB). A compute warpgroup runs flash attention over the steps with
    the query variant of each tile's DCA region (block: by chunk of the block; column tile: vt_region),
    mask (pos <= row position) & (pos < kv_len) from the tile's position vector, online softmax in base 2.
    Masked logits are a large finite negative, so a tile that is fully masked for some rows (the diagonal
@@ -53,9 +56,12 @@ FAR = 2 ** 30                                 # position of a slot no row may at
 SMEM_BYTES = 227 * 1024
 
 
+SMEM_RESERVED = 2048 + 8 * 32                 # Mosaic's own 2 KiB + barriers, as measured on the H200
+
+
 def smem_bytes(n_variants: int, head_dim: int, stages: int, itemsize: int = 2) -> int:
     return (COMPUTE_WGS * n_variants * HALF * head_dim * itemsize + 2 * stages * BLOCK * head_dim * itemsize
-            + stages * BLOCK * 4)
+            + SMEM_RESERVED)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ def prepare(vertical, slash, q_start, kv_len, k, v, *, T: int, chunk_len: int | 
 def _kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_ref, keypos_ref, vcols_ref,
             q_ref, k_ref, v_ref, kc_ref, vc_ref, out_ref, lse_ref, scratch, *, n_variants, num_pairs, head_dim,
             stages, chunk_len, group, interpret, columns):
-    q_smem, k_smem, v_smem, c_smem, p_smem, q_bars, k_bars, v_bars, c_bars, k_free, v_free, sched = scratch
+    q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, k_free, v_free, sched = scratch
     b = lax.axis_index("batch")
     n = lax.axis_index("heads")
     m = num_pairs - 1 - lax.axis_index("q_seq")                      # query block, launched last-first
@@ -197,8 +203,10 @@ def _kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_re
                 sched_barrier()
                 return s_ref[...]
             s = pl.run_scoped(qk_fn, plgpu.ACC((HALF, BLOCK), jnp.float32))
-            plgpu.barrier_wait(c_bars.at[slot])
-            keypos = c_smem.at[slot][...] if interpret else plgpu.load(c_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0), optimized=False)
+            pos_ref = (vcols_ref.at[b, n, pl.ds((t - nblk) * BLOCK, BLOCK)] if columns
+                       else keypos_ref.at[b, n, pl.ds(block_of(t) * BLOCK, BLOCK)])
+            keypos = pos_ref[...] if interpret else plgpu.load(pos_ref, layout=plgpu.Layout.WGMMA.reduce(0),
+                                                               optimized=False)
             plgpu.barrier_arrive(k_free.at[slot])
             rows = plgpu.broadcasted_iota(jnp.int32, (HALF, BLOCK), 0, layout=plgpu.Layout.WGMMA) + first_pos
             kp = lax.broadcast_in_dim(keypos, (HALF, BLOCK), [1])
@@ -259,13 +267,11 @@ def _kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_re
                 keys = pl.ds(block_of(t) * BLOCK, BLOCK)
                 plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bars.at[slot])
                 plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bars.at[slot])
-                plgpu.copy_gmem_to_smem(keypos_ref.at[b, n, keys], c_smem.at[slot], c_bars.at[slot])
 
             def _columns():
                 cols = pl.ds((t - nblk) * BLOCK, BLOCK)
                 plgpu.copy_gmem_to_smem(kc_ref.at[b, n, cols], k_smem.at[slot], k_bars.at[slot])
                 plgpu.copy_gmem_to_smem(vc_ref.at[b, n, cols], v_smem.at[slot], v_bars.at[slot])
-                plgpu.copy_gmem_to_smem(vcols_ref.at[b, n, cols], c_smem.at[slot], c_bars.at[slot])
             (_columns if columns else _block)()
 
         for i in range(stages):
@@ -331,14 +337,12 @@ def _launch(args, *, columns, R, B, Tp, N, H, K, stages, chunk_len, num_pairs, d
             plgpu.SMEM((COMPUTE_WGS, R, HALF, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, BLOCK, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, BLOCK, H), dtype, transforms=tiled),
-            plgpu.SMEM((stages, BLOCK), jnp.int32),
             plgpu.SMEM((COMPUTE_WGS, HALF, BLOCK), dtype, transforms=tiled) if interpret else None,
         ]
         barriers = (
             plgpu.Barrier(num_barriers=COMPUTE_WGS * R),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
-            plgpu.Barrier(num_barriers=stages),                       # key positions loaded
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS, num_barriers=stages),
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),

@@ -94,9 +94,10 @@ def run(q, k_cache, v_cache, meta, k_scale=None, v_scale=None):
                          k_scale=k_scale, v_scale=v_scale)
 
 
-# The Mosaic GPU sparse kernel passes its interpret-mode test but has NOT been run on a GPU yet
-# (benchmarks/sparse_kernel.py): until it has, sparse="auto" does not turn sparse prefill on for this
-# implementation; an explicit sparse=True / path / SparseConfig still uses it.
+# The Mosaic GPU sparse kernel passes its GPU check on the H200 (2026-12-02, benchmarks/RESULTS.md: rel 2.8e-3,
+# LSE 1.9e-6 against the reference mask), but the sparse prefill has not been timed end to end (the online
+# estimator costs 50 ms per layer and piece at 1M, more than the kernel saves at small budgets), so
+# sparse="auto" does not turn it on yet; an explicit sparse=True / path / SparseConfig uses it.
 SPARSE_READY = False
 
 
