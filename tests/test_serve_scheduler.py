@@ -7,6 +7,7 @@ import queue
 
 import pytest
 
+from serve_doubles import _Seq  # noqa: E402  (the shared sequence double)
 from zenjax.config import EngineConfig
 from zenjax.sampling import SamplingParams
 from zenjax.serve.scheduler import (Delta, Failed, Finished, Progress, QueueFull, Request, Scheduler,
@@ -14,16 +15,6 @@ from zenjax.serve.scheduler import (Delta, Failed, Finished, Progress, QueueFull
 
 POISON = 666          # a prompt containing this id makes the double's prefill raise
 BAD_START = 667       # ... makes start raise ValueError (as the engine does on a bad prompt)
-
-
-class _Seq:
-    def __init__(self, prompt_ids, params):
-        self.prompt_ids, self.params = list(prompt_ids), params
-        self.prompt_len, self.prefilled, self.out = len(prompt_ids), 0, []
-
-    def append(self, token):
-        self.out.append(token)
-        return f"<{token}>", ("length" if len(self.out) >= self.params.max_new_tokens else None)
 
 
 class ScriptedEngine:
