@@ -17,7 +17,7 @@ Run on an H100 / H200 from the repo root:
                "estimated": zenjax's online estimator on random q/k (near-uniform attention: the top-k
                             diagonals scatter over the whole range; worst case for the block mask)
    Effective speedup = dense time / sparse time. TFLOP/s on computed blocks = 4 * 128 * 128 * H *
-   (128-row x 128-key tiles the kernel runs) / time; the estimator is timed on its own.
+   (128-row x 128-key tiles the kernel runs) / time; the estimator is timed on its own, with each top-k implementation (sparse.TOPK_IMPL).
 """
 from __future__ import annotations
 
@@ -114,25 +114,33 @@ def timing(L: int, res: dict, reps: int):
     vert = np.sort(vert, axis=-1)
     layer = SparseLayer(vertical=tuple(int(x) for x in vb), slash=tuple(int(x) for x in sb), last_q=64, sink=30,
                         local=100, rope_theta=1e7)
-    f_est = jax.jit(lambda q, k: sparse.estimate(q, k, AttentionMeta.of(qs, kl, dca, sparse=layer)))
-    t_est = bench(lambda q, k: f_est(q, k).vertical, q, k, reps=reps)
-    row["estimate_s"] = t_est
-    print(f"L={L} estimator (28 heads, last 64 queries vs {L} keys): {t_est * 1e3:.1f} ms", flush=True)
-    est = f_est(q, k)
+    for impl in ("sort", "radix"):         # sparse.TOPK_IMPL is read at trace time
+        sparse.TOPK_IMPL = impl
+        f_est = jax.jit(lambda q, k: sparse.estimate(q, k, AttentionMeta.of(qs, kl, dca, sparse=layer)))
+        t_est = bench(lambda q, k: f_est(q, k).vertical, q, k, reps=reps)
+        row[f"estimate_{impl}_s"] = t_est
+        print(f"L={L} estimator [top-k {impl}] (28 heads, last 64 queries vs {L} keys): {t_est * 1e3:.1f} ms",
+              flush=True)
+        est = f_est(q, k)
+    sparse.TOPK_IMPL = "sort"
     for name, (vv, ss) in {"near": (jnp.asarray(vert), jnp.asarray(sl)),
                            "estimated": (est.vertical, est.slash)}.items():
         try:
-            ix = jax.jit(lambda vv, ss, k, v: prepare(vv, ss, qs, kl, k, v, T=-(-T // BLOCK) * BLOCK, chunk_len=s))(
-                vv, ss, k, v)
+            f_prep = jax.jit(lambda vv, ss, k, v: prepare(vv, ss, qs, kl, k, v, T=-(-T // BLOCK) * BLOCK,
+                                                          chunk_len=s))
+            ix = f_prep(vv, ss, k, v)
+            t_prep = bench(lambda *x: f_prep(*x)["blocks"], vv, ss, k, v, reps=reps)
             tiles = int(ix["nblk"].sum() + ix["nvt"].sum())
             f_sp = jax.jit(lambda q, k, v, vv, ss: vs_prefill_mgpu(q, k, v, qs, kl, vv, ss, chunk_len=s)[0])
             t_sp = bench(f_sp, q, k, v, vv, ss, reps=reps)
             flops = 4 * BLOCK * BLOCK * H * tiles
             dense_tiles = sum(min(-(-(q_start + (m + 1) * BLOCK) // BLOCK), -(-L // BLOCK))
                               for m in range(-(-T // BLOCK))) * N
-            row[name] = {"s": t_sp, "speedup_vs_dense": t_dense / t_sp, "tiles": tiles, "dense_tiles": dense_tiles,
+            row[name] = {"s": t_sp, "prepare_s": t_prep, "speedup_vs_dense": t_dense / t_sp, "tiles": tiles,
+                         "dense_tiles": dense_tiles,
                          "tile_fraction": tiles / dense_tiles, "tflops_computed": flops / t_sp / 1e12}
-            print(f"L={L} sparse [{name}]: {t_sp * 1e3:.1f} ms, x{t_dense / t_sp:.2f} vs dense, tiles {tiles} "
+            print(f"L={L} sparse [{name}]: {t_sp * 1e3:.1f} ms (+ index tables {t_prep * 1e3:.1f} ms), "
+                  f"x{t_dense / t_sp:.2f} vs dense, tiles {tiles} "
                   f"({tiles / dense_tiles:.3f} of dense), {flops / t_sp / 1e12:.0f} TFLOP/s on computed tiles",
                   flush=True)
         except Exception as e:                                      # noqa: BLE001 (report and go on)

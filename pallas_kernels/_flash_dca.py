@@ -65,14 +65,44 @@ def init_carry(rows: int, head_dim: int):
             jnp.zeros((rows,), jnp.float32))
 
 
+class Fp8Ref:
+    """An e4m3 K or V ref [S, H] with its float32 per-key scales [S] (x = x8 * scale[key]).
+
+    `_tile_step` never forms x8 * scale per element: the e4m3 tile is converted to f16 (exact: every
+    e4m3 value is an f16 value; one hardware cvt per 2 elements on Hopper) and the scales are applied
+    per key column where they are cheap, s_ij = (q_i . k8_j) * ks_j on the [rows, block_k] scores and
+    p_ij * vs_j on the probabilities before P.V8. A bf16 tile of x8 * scale instead costs a float32
+    multiply and two conversions per element, which left the decode kernel compute-bound at 1.6 TB/s on
+    the H200 (benchmarks/RESULTS.md, 2026-12-02). f16 for q and P: |q| in Qwen2.5 stays far below f16's
+    65504 and P <= 1; f16 keeps 3 more mantissa bits than bf16.
+    """
+
+    def __init__(self, ref, scale_ref):
+        self.ref, self.scale_ref, self.shape = ref, scale_ref, ref.shape
+
+
+def _fp8_compute_dtype(q_dtype):
+    """f16 on the tensor cores; float32 stays float32 (CPU interpret tests compare at f32 precision)."""
+    return jnp.float32 if q_dtype == jnp.float32 else jnp.float16
+
+
 def _tile_step(q, k_ref, v_ref, start_k, carry, *, block_k, qk_scale, mask_rows=None, seq_len=None):
     """One key tile of flash attention. mask_rows=(row_pos, kv_len) builds the causal/length mask.
 
     seq_len: the cache length S when it is not a multiple of block_k (static). The last tile then reads
     past the array: those rows are loaded masked as zeros (never garbage: 0 * NaN would poison o).
+    k_ref / v_ref may be `Fp8Ref`s (e4m3 + per-key scales; S a multiple of block_k).
     """
     o, m, l = carry
     ks = pl.ds(pl.multiple_of(start_k * block_k, block_k), block_k)
+    if isinstance(k_ref, Fp8Ref):
+        if seq_len is not None:
+            raise ValueError("an e4m3 cache needs S to be a multiple of block_k")
+        cdt = _fp8_compute_dtype(q.dtype)
+        k, v = k_ref.ref[ks, :].astype(cdt), v_ref.ref[ks, :].astype(cdt)
+        k_sc, v_sc = k_ref.scale_ref[ks], v_ref.scale_ref[ks]                 # [block_k] float32
+        s = plgpu.dot(q.astype(cdt), k, trans_b=True) * (k_sc * qk_scale)[None, :]
+        return _softmax_update(s, v, carry, start_k, block_k=block_k, mask_rows=mask_rows, v_scale=v_sc)
     if seq_len is None:
         k = k_ref[ks, :]
         v = v_ref[ks, :]
@@ -81,6 +111,13 @@ def _tile_step(q, k_ref, v_ref, start_k, carry, *, block_k, qk_scale, mask_rows=
         k = plgpu.load(k_ref.at[ks, :], mask=inside, other=0.0)
         v = plgpu.load(v_ref.at[ks, :], mask=inside, other=0.0)
     s = plgpu.dot(q, k, trans_b=True) * qk_scale                      # [rows, block_k] fp32
+    return _softmax_update(s, v, carry, start_k, block_k=block_k, mask_rows=mask_rows)
+
+
+def _softmax_update(s, v, carry, start_k, *, block_k, mask_rows, v_scale=None):
+    """Online-softmax update of (o, m, l) with the tile's base-2 logits s [rows, block_k] and values v;
+    v_scale [block_k] (e4m3 values) weighs each key's probability: sum_j p_j (v8_j vs_j) = sum_j (p_j vs_j) v8_j."""
+    o, m, l = carry
     if mask_rows is not None:
         row_pos, kv_len = mask_rows
         j = start_k * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -90,7 +127,8 @@ def _tile_step(q, k_ref, v_ref, start_k, carry, *, block_k, qk_scale, mask_rows=
     alpha = jnp.exp2(m - m_new)
     p = jnp.exp2(s - m_new[:, None])
     l_new = alpha * l + jnp.sum(p, axis=1)
-    o_new = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
+    pv = p if v_scale is None else p * v_scale[None, :]
+    o_new = alpha[:, None] * o + plgpu.dot(pv.astype(v.dtype), v)
     return o_new, m_new, l_new
 
 

@@ -32,9 +32,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._flash_dca import (LOG2E, _run_range, _tile_step, check_dca_blocks, default_interpret,
-                                       finish, flash_over_key_tiles, init_carry, lse_merge, pad_axis)
-from pallas_kernels.dca_prefill import _split_variants, _validate, dca_prefill_reference
+from pallas_kernels._flash_dca import (LOG2E, Fp8Ref, _run_range, _tile_step, check_dca_blocks,
+                                       default_interpret, finish, flash_over_key_tiles, init_carry, lse_merge,
+                                       pad_axis)
+from pallas_kernels.dca_prefill import _split_variants, _validate, check_fp8_scales, dca_prefill_reference
 
 MIN_ROWS = 16  # smallest M of a tensor-core tile in the Triton lowering
 # How a program walks its key tiles (static; benchmarks/decode_sweep.py times all three):
@@ -54,28 +55,12 @@ START_COST_TILES = 4
 FALLBACK_NUM_SMS = 132                                               # H100 SXM
 
 
-class _ScaledRef:
-    """An e4m3 K or V ref [S, H] with its float32 per-key scales [S], read as `dtype` tile by tile:
-    `ref[rows, :]` loads the e4m3 tile and its scales and returns x8 * scale in registers, so the kernel
-    streams 1 byte (+ 4 / H for the scale) per element from HBM and no dequantized copy of the cache
-    exists. Same arithmetic as zenjax.model.dequantize_fp8 (float32 product, then cast)."""
-
-    def __init__(self, ref, scale_ref, dtype):
-        self.ref, self.scale_ref, self.dtype, self.shape = ref, scale_ref, dtype, ref.shape
-
-    def __getitem__(self, idx):
-        rows = idx[0]
-        x = self.ref[idx].astype(jnp.float32)
-        return (x * self.scale_ref[rows][:, None]).astype(self.dtype)
-
-
 def _decode_kernel(q_start_ref, kv_len_ref, *refs, n_variants, num_splits, block_k, chunk_len,
                    seq_len, num_queries, group, scale, loop, fp8=False):
     q_refs = refs[:n_variants]
     if fp8:
         k8_ref, v8_ref, ks_ref, vs_ref, o_ref, lse_ref = refs[n_variants:]
-        dtype = q_refs[0].dtype
-        k_ref, v_ref = _ScaledRef(k8_ref, ks_ref, dtype), _ScaledRef(v8_ref, vs_ref, dtype)
+        k_ref, v_ref = Fp8Ref(k8_ref, ks_ref), Fp8Ref(v8_ref, vs_ref)
     else:
         k_ref, v_ref, o_ref, lse_ref = refs[n_variants:]
     split = pl.program_id(0)
@@ -190,8 +175,6 @@ def _decode_partials(q3, k, v, q_start, kv_len, *, chunk_len, block_k, num_split
     # and the kernel loads the rows past S masked (interpret mode pads the block itself).
     Sp = -(-S // block_k) * block_k
     fp8 = k_scale is not None
-    if fp8 and S % block_k:
-        raise ValueError(f"dca_decode: an e4m3 cache needs S={S} to be a multiple of block_k={block_k}")
     kernel = functools.partial(_decode_kernel, n_variants=R, num_splits=num_splits, block_k=block_k,
                                chunk_len=chunk_len, seq_len=S, num_queries=T, group=G,
                                scale=H ** -0.5, loop=loop, fp8=fp8)
@@ -264,7 +247,7 @@ def dca_decode(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_
     [B,T,N,H] (plain); k, v [B,S,K,H]; q_start, kv_len [B] int32; query t sits at q_start + t and sees
     keys j <= q_start + t, j < kv_len. Returns (out [B,T,N,H] in q's dtype, lse [B,T,N] float32).
     An e4m3 cache: k, v float8_e4m3fn with k_scale, v_scale [B,S,K] float32 (x = x8 * scale); the kernel
-    reads them directly (see `_ScaledRef`); S must then be a multiple of block_k.
+    reads them directly (see `_flash_dca.Fp8Ref`); S must then be a multiple of block_k.
     T must be < s (the queries span at most two DCA chunks). num_splits=None picks
     `default_num_splits`; loop=None picks DEFAULT_LOOP (one of LOOPS, see there).
     """
@@ -284,10 +267,7 @@ def dca_decode(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_
         raise ValueError(f"loop={loop!r} must be one of {LOOPS}")
     if interpret is None:
         interpret = default_interpret()
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("dca_decode: give both k_scale and v_scale, or neither")
-    if k_scale is not None and (k_scale.shape != k.shape[:3] or v_scale.shape != v.shape[:3]):
-        raise ValueError(f"dca_decode: scales {k_scale.shape}, {v_scale.shape} must be [B, S, K] = {k.shape[:3]}")
+    check_fp8_scales(k, v, k_scale, v_scale, block_k, "dca_decode")
     return _dca_decode(q3, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32),
                        k_scale, v_scale, chunk_len=chunk_len, block_k=block_k, num_splits=num_splits,
                        num_warps=num_warps, num_stages=num_stages, loop=loop, interpret=interpret)

@@ -25,8 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._flash_dca import (check_dca_blocks, default_interpret, finish, flash_over_key_tiles,
-                                       init_carry, lse_merge, pad_axis)
+from pallas_kernels._flash_dca import (Fp8Ref, check_dca_blocks, default_interpret, finish,
+                                       flash_over_key_tiles, init_carry, lse_merge, pad_axis)
 
 
 def _split_variants(q, chunk_len):
@@ -59,9 +59,13 @@ def _validate(q3, k, v, q_start, kv_len, chunk_len):
 
 
 def _prefill_kernel(q_start_ref, kv_len_ref, *refs, n_variants, num_q_tiles, block_q, block_k,
-                    chunk_len, seq_len, scale, uniform_fast_path):
+                    chunk_len, seq_len, scale, uniform_fast_path, fp8=False):
     q_refs = refs[:n_variants]
-    k_ref, v_ref, o_ref, lse_ref = refs[n_variants:]
+    if fp8:                                  # e4m3 K/V + per-key scales, read tile by tile (Fp8Ref)
+        k8_ref, v8_ref, ks_ref, vs_ref, o_ref, lse_ref = refs[n_variants:]
+        k_ref, v_ref = Fp8Ref(k8_ref, ks_ref), Fp8Ref(v8_ref, vs_ref)
+    else:
+        k_ref, v_ref, o_ref, lse_ref = refs[n_variants:]
     tile = num_q_tiles - 1 - pl.program_id(0)                        # launched last-first
     kv_len = jnp.minimum(kv_len_ref[...], seq_len)
     first_pos = q_start_ref[...] + tile * block_q
@@ -80,8 +84,8 @@ def _prefill_kernel(q_start_ref, kv_len_ref, *refs, n_variants, num_q_tiles, blo
 
 @functools.partial(jax.jit, static_argnames=("chunk_len", "block_q", "block_k", "num_warps",
                                              "num_stages", "interpret", "uniform_fast_path"))
-def _dca_prefill(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k, num_warps, num_stages,
-                 interpret, uniform_fast_path=True):
+def _dca_prefill(q3, k, v, q_start, kv_len, k_scale=None, v_scale=None, *, chunk_len, block_q, block_k,
+                 num_warps, num_stages, interpret, uniform_fast_path=True):
     R, B, T, N, H = q3.shape
     S, K = k.shape[1], k.shape[2]
     G = N // K
@@ -93,15 +97,19 @@ def _dca_prefill(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k, num_
     rev = lambda i: nqt - 1 - i
     kernel = functools.partial(_prefill_kernel, n_variants=R, num_q_tiles=nqt, block_q=block_q,
                                block_k=block_k, chunk_len=chunk_len, seq_len=S, scale=H ** -0.5,
-                               uniform_fast_path=uniform_fast_path)
+                               uniform_fast_path=uniform_fast_path, fp8=k_scale is not None)
     scalar_spec = pl.BlockSpec((None,), lambda i, b, n: (b,))
     q_specs = [pl.BlockSpec((None, None, block_q, None, H), lambda i, b, n, r=r: (r, b, rev(i), n, 0))
                for r in range(R)]
     kv_spec = pl.BlockSpec((None, Sp, None, H), lambda i, b, n: (b, 0, lax.div(n, G), 0))
+    scale_specs, scales = [], []
+    if k_scale is not None:                   # [B, S, K] float32 -> the [S] scales of one (row, kv head)
+        scale_specs = [pl.BlockSpec((None, Sp, None), lambda i, b, n: (b, 0, lax.div(n, G)))] * 2
+        scales = [k_scale, v_scale]
     out, lse = pl.pallas_call(
         kernel,
         grid=(nqt, B, N),
-        in_specs=[scalar_spec, scalar_spec, *q_specs, kv_spec, kv_spec],
+        in_specs=[scalar_spec, scalar_spec, *q_specs, kv_spec, kv_spec, *scale_specs],
         out_specs=[pl.BlockSpec((None, block_q, None, H), lambda i, b, n: (b, rev(i), n, 0)),
                    pl.BlockSpec((None, None, block_q), lambda i, b, n: (b, n, rev(i)))],
         out_shape=[jax.ShapeDtypeStruct((B, Tp, N, H), q3.dtype),
@@ -109,13 +117,13 @@ def _dca_prefill(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k, num_
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="dca_prefill",
-    )(q_start, kv_len, *([q3] * R), k, v)
+    )(q_start, kv_len, *([q3] * R), k, v, *scales)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
 def dca_prefill(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_q: int = 128,
                 block_k: int = 64, num_warps: int = 8, num_stages: int = 3,
-                interpret: bool | None = None, uniform_fast_path: bool = True):
+                interpret: bool | None = None, uniform_fast_path: bool = True, k_scale=None, v_scale=None):
     """Attention of T queries (absolute positions q_start + t) against the cache, DCA or plain.
 
     q: [3, B, T, N, H] (intra, succ, inter rotations) when chunk_len = s is given; [B, T, N, H] when
@@ -125,15 +133,30 @@ def dca_prefill(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block
     Defaults: the fastest of the H100 sweep in benchmarks/NOTES-attention.md (d = 128, bf16).
     interpret=None: interpret mode unless the default backend is a GPU. uniform_fast_path=False always
     takes the per-row variant select (for A/B timing; results are the same).
+    An e4m3 cache: k, v float8_e4m3fn with k_scale, v_scale [B,S,K] float32 (x = x8 * scale), read by the
+    kernel tile by tile (`_flash_dca.Fp8Ref`, no dequantized copy); S must be a multiple of block_k.
     """
     q3 = _split_variants(q, chunk_len)
     _validate(q3, k, v, q_start, kv_len, chunk_len)
     check_dca_blocks(chunk_len, block_q=block_q, block_k=block_k)
     if interpret is None:
         interpret = default_interpret()
+    check_fp8_scales(k, v, k_scale, v_scale, block_k, "dca_prefill")
     return _dca_prefill(q3, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32),
-                        chunk_len=chunk_len, block_q=block_q, block_k=block_k, num_warps=num_warps,
+                        k_scale, v_scale, chunk_len=chunk_len, block_q=block_q, block_k=block_k, num_warps=num_warps,
                         num_stages=num_stages, interpret=interpret, uniform_fast_path=uniform_fast_path)
+
+
+def check_fp8_scales(k, v, k_scale, v_scale, block_k: int, who: str) -> None:
+    """ValueError unless the scales are both absent, or both [B, S, K] with S a multiple of block_k."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError(f"{who}: give both k_scale and v_scale, or neither")
+    if k_scale is None:
+        return
+    if k_scale.shape != k.shape[:3] or v_scale.shape != v.shape[:3]:
+        raise ValueError(f"{who}: scales {k_scale.shape}, {v_scale.shape} must be [B, S, K] = {k.shape[:3]}")
+    if k.shape[1] % block_k:
+        raise ValueError(f"{who}: an e4m3 cache needs S={k.shape[1]} to be a multiple of block_k={block_k}")
 
 
 def dca_prefill_reference(q, k, v, q_start, kv_len, *, chunk_len: int | None = None):

@@ -1,9 +1,12 @@
 """The split-K decode kernel reading an e4m3 cache and its float32 scales directly (interpret mode, CPU).
 
-Error model: the kernel forms x8 * scale in float32 per tile and casts to q's dtype, exactly what
-zenjax.model.dequantize_fp8 does for the whole cache, so against the kernel run on the dequantized cache
-only summation order differs: float32, max |diff| <= 2e-5 (as tests/test_pallas_kernels.py). Qwen's head
-layout (28 q / 4 kv), DCA s = 48 with keys in chunks 0..5, and contexts that do not fill a key tile.
+Error model: the kernel applies the per-key scales to the scores and probabilities ((q . x8) * s_k and
+p * s_v, `_flash_dca.Fp8Ref`) where the dequantized cache applies them to the values (q . (x8 * s_k));
+in float32 (interpret mode keeps q's float32) the two differ by reassociation only: a few ulps of each
+logit (|logit| <~ 30 here -> ~1e-5 absolute) and of each output, so max |diff| <= 2e-5 (as
+tests/test_pallas_kernels.py). Qwen's head layout (28 q / 4 kv), DCA s = 48 with keys in chunks 0..5,
+and contexts that do not fill a key tile. The Triton prefill kernel shares the tile code and is checked
+the same way (several query rows per program, rows straddling a DCA chunk).
 """
 import jax
 import jax.numpy as jnp
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.dca_decode import dca_decode
+from pallas_kernels.dca_prefill import dca_prefill
 from zenjax.config import DCAConfig
 from zenjax.model import FP8, dequantize_fp8, quantize_fp8
 
@@ -39,6 +43,23 @@ def test_fp8_decode_kernel_equals_kernel_on_dequantized_cache(dca):
     assert float(jnp.abs(raw - ref).max()) > 1e-1
 
 
+@pytest.mark.parametrize("dca", [True, False], ids=["dca", "plain"])
+def test_fp8_prefill_kernel_equals_kernel_on_dequantized_cache(dca):
+    k1, k2, k3 = jax.random.split(jax.random.key(8), 3)
+    B, T = 2, 21                                                     # not a whole 16-row query tile
+    q = jax.random.normal(k1, ((3,) if dca else ()) + (B, T, N, H), jnp.float32)
+    (k8, ks), (v8, vs) = (quantize_fp8(3.0 * jax.random.normal(kk, (B, S, K, H), jnp.float32)) for kk in (k2, k3))
+    q_start = jnp.array([40, 130], jnp.int32)                        # rows 40..60 straddle s = 48
+    kv_len = q_start + T
+    kw = dict(chunk_len=DCA.chunk_len if dca else None, block_q=16, block_k=16, interpret=True)
+    got, lse = dca_prefill(q, k8, v8, q_start, kv_len, k_scale=ks, v_scale=vs, **kw)
+    ref, ref_lse = dca_prefill(q, dequantize_fp8(k8, ks, jnp.float32), dequantize_fp8(v8, vs, jnp.float32),
+                               q_start, kv_len, **kw)
+    assert float(jnp.abs(got - ref).max()) <= 2e-5 and float(jnp.abs(lse - ref_lse).max()) <= 2e-5
+    raw, _ = dca_prefill(q, k8.astype(jnp.float32), v8.astype(jnp.float32), q_start, kv_len, **kw)
+    assert float(jnp.abs(raw - ref).max()) > 1e-1
+
+
 def test_fp8_decode_kernel_refuses_bad_scales():
     q = jnp.zeros((1, 1, N, H), jnp.float32)
     k8 = jnp.zeros((1, S, K, H), FP8)
@@ -51,8 +72,7 @@ def test_fp8_decode_kernel_refuses_bad_scales():
 
 
 def test_fp8_engine_pallas_decode_matches_reference_path():
-    """The engine with an e4m3 cache: pallas (the decode kernel reads e4m3 + scales; prefill gets a
-    dequantized row) against the reference path (dequantized cache everywhere), float32 model. Same
+    """The engine with an e4m3 cache: pallas (the decode and prefill kernels read e4m3 + scales) against the reference path (dequantized cache everywhere), float32 model. Same
     values enter attention on both paths, so greedy tokens must agree exactly: the token margins of this
     random model (~1e-1) dwarf float32 reassociation (~1e-6)."""
     import dataclasses

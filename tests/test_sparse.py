@@ -6,6 +6,7 @@ fill a 128-block.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_qwen_7b_file_loads_and_slices_for_tp():
 @pytest.mark.parametrize("mutate, match", [
     (lambda e: e.pop(), "27 layers, the model has 28"),
     (lambda e: e[3].pop("5"), "layer 3: expected heads"),
-    (lambda e: e[2]["7"].__setitem__(0, "a_shape"), r"layer 2, head '7': pattern 'a_shape'"),
+    (lambda e: e[2]["7"].__setitem__(0, "block_sparse"), r"layer 2, head '7': pattern 'block_sparse'"),
     (lambda e: e[1]["0"].__setitem__(2, -4), r"layer 1, head '0': slash budget -4"),
     (lambda e: e[0]["1"].__setitem__(1, 12.5), r"layer 0, head '1': vertical budget 12.5"),
 ])
@@ -186,6 +187,60 @@ def test_estimator_equals_brute_force(q_start, kv_len, T):
         assert len(got_d) == ks, h
         assert _same_topk(got_d, diags, slash, ks), (h, got_d ^ diags)
         assert _same_topk(got_c, cols, vert, max(kv, 1)), (h, got_c ^ cols)
+
+
+@pytest.mark.parametrize("q_start, kv_len, T", CASES[1:3])
+def test_radix_topk_equals_sort_topk(q_start, kv_len, T):
+    """The two `_topk` implementations select the same ids (exact: both are exact top-k with ties at the
+    cut broken lowest id first), here through the whole estimator."""
+    rng = np.random.default_rng(7 + q_start)
+    S = 208
+    q3, k_rot = rotate_for_dca(jnp.asarray(rng.normal(size=(1, T, N, H)), jnp.float32),
+                               jnp.asarray(rng.normal(size=(1, S, K, H)), jnp.float32),
+                               q_start + jnp.arange(T)[None], jnp.arange(S)[None], DCA, THETA)
+    vb, sb = rng.integers(0, 90, N).tolist(), rng.integers(0, 160, N).tolist()
+    layer = SparseLayer(vertical=tuple(vb), slash=tuple(sb), last_q=64, sink=30, local=100, rope_theta=THETA)
+    meta = AttentionMeta.of([q_start], [kv_len], DCA, sparse=layer)
+    out = {}
+    for impl in ("sort", "radix"):
+        sparse.TOPK_IMPL = impl
+        try:
+            out[impl] = jax.jit(sparse.estimate)(q3, k_rot, meta)
+        finally:
+            sparse.TOPK_IMPL = "sort"
+    np.testing.assert_array_equal(out["radix"].vertical, out["sort"].vertical)
+    np.testing.assert_array_equal(out["radix"].slash, out["sort"].slash)
+    # ties: all-equal scores keep the lowest ids; -inf never selected
+    sc = jnp.array([[1.0, 1.0, 1.0, -jnp.inf, 1.0], [3.0, -jnp.inf, -jnp.inf, -jnp.inf, 2.0]])
+    for impl in ("sort", "radix"):
+        got = sparse._topk(sc, 4, jnp.array([3, 4]), 5, impl=impl)
+        assert got.tolist() == [[0, 1, 2, sparse.SENTINEL], [0, 4, sparse.SENTINEL, sparse.SENTINEL]], impl
+
+
+def test_a_shape_heads_keep_sinks_and_nearest_diagonals(tmp_path):
+    """An "a_shape" entry [n_init, n_local] (spec 3.1, no estimation): the head's columns are keys
+    0..n_init-1 and its diagonals 0..n_local-1 (no 30 -> 130 quirk); vertical-slash heads beside it are
+    estimated as before; TP slicing keeps the patterns."""
+    entries = json.loads(QWEN7B.read_text())
+    entries[0]["3"] = ["a_shape", 30, 64, 1.0]
+    f = tmp_path / "sparse_attention_config.json"
+    f.write_text(json.dumps(entries))
+    sc = resolve_sparse(f, _cfg())
+    assert sc.patterns[0][3] == "a_shape" and sc.shard(0, 4).patterns[0][3] == "a_shape"
+    layer = sc.layer(0, THETA)
+    assert layer.vertical[3] == 30 and layer.static_heads()[3] and not layer.static_heads()[2]
+    small = dataclasses.replace(layer, vertical=tuple(min(v, 40) for v in layer.vertical),
+                                slash=tuple(min(x, 120) for x in layer.slash))
+    rng = np.random.default_rng(3)
+    q_start, kv_len, T, S = 100, 141, 64, 208
+    q3, k_rot = rotate_for_dca(jnp.asarray(rng.normal(size=(1, T, N, H)), jnp.float32),
+                               jnp.asarray(rng.normal(size=(1, S, K, H)), jnp.float32),
+                               q_start + jnp.arange(T)[None], jnp.arange(S)[None], DCA, THETA)
+    ind = sparse.estimate(q3, k_rot, AttentionMeta.of([q_start], [kv_len], DCA, sparse=small))
+    v, d = np.asarray(ind.vertical[0, 3]), np.asarray(ind.slash[0, 3])
+    assert set(d[d < sparse.SENTINEL].tolist()) == set(range(64))
+    cols = set(v[v < sparse.SENTINEL].tolist())
+    assert set(range(30)) <= cols and cols - set(range(30)) <= set(range(141))   # + DCA fallback columns only
 
 
 def test_stage_offsets_hit_the_true_key():

@@ -322,7 +322,7 @@ def engine_config(*, max_model_len: int, prefill_chunk: int = 8192, max_batch: i
 # ----------------------------------------------------------------------------------------------
 
 SPARSE_FILE = "sparse_attention_config.json"
-SPARSE_PATTERNS = ("vertical_and_slash",)
+SPARSE_PATTERNS = ("vertical_and_slash", "a_shape")   # a_shape: [n_init, n_local] (spec 3.1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +343,7 @@ class SparseConfig:
     sink: int = 30
     local: int = 100
     head_offset: int = 0
+    patterns: tuple = ()     # patterns[l][h] when some head is "a_shape"; () = every head vertical_and_slash
 
     def __post_init__(self):
         for name in ("threshold", "last_q", "sink", "local"):
@@ -363,9 +364,13 @@ class SparseConfig:
         return len(self.budgets[0]) if self.budgets else 0
 
     def layer(self, l: int, rope_theta: float) -> "SparseLayer":
-        vert = tuple(130 if v == 30 else v for v, _ in self.budgets[l])      # vLLM's quirk (spec 3.4)
+        a_shape = tuple(p == "a_shape" for p in self.patterns[l]) if self.patterns else ()
+        # vLLM's quirk (spec 3.4) applies to vertical-slash heads; an A-shape head keeps n_init as given
+        vert = tuple(v if a_shape and a_shape[h] else (130 if v == 30 else v)
+                     for h, (v, _) in enumerate(self.budgets[l]))
         return SparseLayer(vertical=vert, slash=tuple(s for _, s in self.budgets[l]), last_q=self.last_q,
-                           sink=self.sink, local=self.local, rope_theta=float(rope_theta))
+                           sink=self.sink, local=self.local, rope_theta=float(rope_theta),
+                           a_shape=a_shape if any(a_shape) else ())
 
     def shard(self, rank: int, tp: int) -> "SparseConfig":
         """The heads of tensor-parallel rank `rank` of `tp`: [rank*N/tp, (rank+1)*N/tp), as vLLM keeps them."""
@@ -374,8 +379,9 @@ class SparseConfig:
             raise ConfigError(f"sparse attention: cannot take rank {rank} of tensor_parallel={tp} from "
                               f"{n} heads")
         per = n // tp
-        return dataclasses.replace(self, budgets=tuple(b[rank * per:(rank + 1) * per] for b in self.budgets),
-                                   head_offset=self.head_offset + rank * per)
+        cut = lambda rows: tuple(b[rank * per:(rank + 1) * per] for b in rows)
+        return dataclasses.replace(self, budgets=cut(self.budgets), head_offset=self.head_offset + rank * per,
+                                   patterns=cut(self.patterns) if self.patterns else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +394,12 @@ class SparseLayer:
     sink: int
     local: int
     rope_theta: float    # the estimator rotates q_intra to the critical positions (spec 2.2)
+    a_shape: tuple = ()  # [N] True for A-shape heads (first `vertical` keys + `slash` nearest diagonals,
+                         # no estimation); () when every head is vertical-slash
+
+    def static_heads(self) -> tuple:
+        """[N] bools: heads whose indices are fixed (A-shape) rather than estimated."""
+        return self.a_shape or (False,) * len(self.vertical)
 
 
 def sparse_config_from_json(entries: Any, cfg: ModelConfig, *, source: str,
@@ -404,7 +416,7 @@ def sparse_config_from_json(entries: Any, cfg: ModelConfig, *, source: str,
     if len(entries) != cfg.num_layers:
         bad("top level", f"{len(entries)} layers, the model has {cfg.num_layers}")
     want = {str(h) for h in range(cfg.num_heads)}
-    budgets = []
+    budgets, patterns = [], []
     for l, layer in enumerate(entries):
         if not isinstance(layer, dict) or set(layer) != want:
             got = sorted(layer, key=lambda x: (len(x), x)) if isinstance(layer, dict) else type(layer).__name__
@@ -421,10 +433,12 @@ def sparse_config_from_json(entries: Any, cfg: ModelConfig, *, source: str,
                     bad(f"layer {l}, head '{h}'", f"{what} {x!r} must be an integer >= 0")
             row.append((int(e[1]), int(e[2])))
         budgets.append(tuple(row))
+        patterns.append(tuple(layer[str(h)][0] for h in range(cfg.num_heads)))
     d = dict(dca_hf or {})
     knobs = dict(threshold=int(d.get("sparse_attention_threshold", 32768)),
                  last_q=int(d.get("sparse_attention_last_q", 64)))
-    return SparseConfig(budgets=tuple(budgets), source=source, **knobs)
+    any_a = any(p == "a_shape" for row in patterns for p in row)
+    return SparseConfig(budgets=tuple(budgets), source=source, patterns=tuple(patterns) if any_a else (), **knobs)
 
 
 def sparse_enabled(dca_hf: Mapping[str, Any] | None, file_present: bool) -> bool:

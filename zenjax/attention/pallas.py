@@ -59,7 +59,8 @@ def _block(cap: int, chunk_len: int | None, what: str) -> int:
 def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
                   interpret: bool | None = None, k_scale=None, v_scale=None):
     """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the Pallas kernels. An e4m3 cache
-    (k_scale, v_scale [B,S,K]) is read directly by the decode kernel; prefill dequantizes it first."""
+    (k_scale, v_scale [B,S,K]) is read directly by the decode kernel and by the Triton prefill kernel (a
+    cache whose S is not a multiple of the key tile is dequantized first)."""
     chunk_len = None if dca is None else dca.chunk_len
     T = q.shape[-3]
     if T <= DECODE_MAX_T and (chunk_len is None or T < chunk_len):
@@ -68,24 +69,27 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
             return dca_decode(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
                               num_warps=DECODE_WARPS, num_stages=DECODE_STAGES, interpret=interpret,
                               k_scale=k_scale, v_scale=v_scale)
+    # A short chunk gets a short query tile (fewer padded rows): the power of two >= T, 16..128.
+    cap_q = min(PREFILL_BLOCK_Q, max(16, 1 << (T - 1).bit_length()))
+    triton = dict(chunk_len=chunk_len, block_q=_block(cap_q, chunk_len, "prefill query"),
+                  block_k=_block(PREFILL_BLOCK_K, chunk_len, "prefill key"), num_warps=PREFILL_WARPS,
+                  num_stages=PREFILL_STAGES, interpret=interpret)
     if k_scale is not None:
+        if k_cache.shape[1] % triton["block_k"] == 0:
+            # The Triton prefill kernel reads e4m3 tiles + scales itself (no bf16 copy of the layer's
+            # cache); the Mosaic kernel's TMA pipeline has no e4m3 path yet.
+            return dca_prefill(q, k_cache, v_cache, q_start, kv_len, k_scale=k_scale, v_scale=v_scale, **triton)
         from zenjax.model import dequantize_fp8
         k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
-        return attention_lse(q, k_cache, v_cache, q_start=q_start, kv_len=kv_len, dca=dca, interpret=interpret)
     if _use_mgpu(q, interpret) and (chunk_len is None or chunk_len % 64 == 0):
         from pallas_kernels.dca_prefill_mgpu import dca_prefill_mgpu
         block_k = MGPU_BLOCK_K if chunk_len is None or chunk_len % MGPU_BLOCK_K == 0 else 64
         return dca_prefill_mgpu(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
                                 max_concurrent_steps=MGPU_STEPS, interpret=False)
-    # A short chunk gets a short query tile (fewer padded rows): the power of two >= T, 16..128.
-    cap_q = min(PREFILL_BLOCK_Q, max(16, 1 << (T - 1).bit_length()))
-    return dca_prefill(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len,
-                       block_q=_block(cap_q, chunk_len, "prefill query"),
-                       block_k=_block(PREFILL_BLOCK_K, chunk_len, "prefill key"), num_warps=PREFILL_WARPS,
-                       num_stages=PREFILL_STAGES, interpret=interpret)
+    return dca_prefill(q, k_cache, v_cache, q_start, kv_len, **triton)
 
 
-READS_FP8 = True     # the decode kernel reads an e4m3 cache and its scales itself (see attention_lse)
+READS_FP8 = True     # the decode and Triton prefill kernels read an e4m3 cache and its scales (attention_lse)
 
 
 def run(q, k_cache, v_cache, meta, k_scale=None, v_scale=None):

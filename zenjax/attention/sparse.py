@@ -64,14 +64,47 @@ def _rotate_const(x, pos: int, theta: float):
     return apply_rope(x[None], jnp.full((1, x.shape[0]), pos, jnp.int32), theta)[0]
 
 
-def _topk(scores, k_static: int, budget, kv_len):
-    """scores [N, S] -> ids [N, k_static] (SENTINEL where beyond the head's budget or kv_len)."""
+# How `_topk` selects (static; benchmarks/sparse_estimator.py times both on the GPU):
+#   "sort"   lax.top_k, then the ids sorted ascending.
+#   "radix"  an exact radix select: the k-th largest score found bit by bit on order-preserving int32
+#            keys (32 counting passes over [N, S]), ties at the k-th value taken lowest id first (as
+#            lax.top_k), ids compacted in ascending order by a binary search over the running count.
+#            No sort of S scores per head, which is what lax.top_k does for k in the thousands.
+TOPK_IMPL = "sort"
+
+
+def _topk(scores, k_static: int, budget, kv_len, impl: str | None = None):
+    """scores [N, S] -> ascending ids [N, k_static] of each head's min(budget, kv_len) largest finite
+    scores (SENTINEL beyond). Ties at the cut: lowest ids first."""
     if k_static == 0:
         return jnp.zeros((scores.shape[0], 0), jnp.int32)
-    vals, ids = lax.top_k(scores, k_static)
-    rank = jnp.arange(k_static)[None, :]
-    keep = (rank < jnp.minimum(budget[:, None], kv_len)) & (vals > -jnp.inf)
-    return jnp.where(keep, ids, SENTINEL).astype(jnp.int32)
+    want = jnp.minimum(budget, kv_len)                                                   # [N]
+    if (impl or TOPK_IMPL) == "sort":
+        vals, ids = lax.top_k(scores, k_static)
+        rank = jnp.arange(k_static)[None, :]
+        keep = (rank < want[:, None]) & (vals > -jnp.inf)
+        return jnp.sort(jnp.where(keep, ids, SENTINEL).astype(jnp.int32), axis=-1)
+    return _radix_topk(scores, k_static, want)
+
+
+def _radix_topk(scores, k_static: int, want):
+    bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)                     # monotone in the float
+    u = lax.bitcast_convert_type(key, jnp.uint32) ^ jnp.uint32(0x80000000)              # monotone, unsigned
+    k = jnp.minimum(want, scores.shape[-1]).astype(jnp.int32)[:, None]                 # [N, 1]
+
+    def bit(i, t):                          # keep bit (31 - i) if >= k scores are at or above it
+        cand = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(jnp.sum(u >= cand, axis=-1, keepdims=True) >= k, cand, t)
+
+    t = lax.fori_loop(0, 32, bit, jnp.zeros_like(k, jnp.uint32))                       # k-th largest key
+    above = u > t
+    ties = (u == t) & (jnp.cumsum(u == t, axis=-1) <= k - jnp.sum(above, axis=-1, keepdims=True))
+    sel = (above | ties) & (scores > -jnp.inf) & (k > 0)
+    count = jnp.cumsum(sel, axis=-1)                                                    # [N, S]
+    r = jnp.arange(1, k_static + 1, dtype=count.dtype)
+    ids = jax.vmap(lambda c: jnp.searchsorted(c, r, side="left"))(count).astype(jnp.int32)  # r-th selected
+    return jnp.where(r[None, :] <= count[:, -1:], ids, SENTINEL)
 
 
 def _sorted_unique(x):
@@ -81,46 +114,85 @@ def _sorted_unique(x):
     return jnp.sort(jnp.where(dup, SENTINEL, x), axis=-1)
 
 
+def _region_rotated_keys(k, q_start, layer, dca):
+    """k [S, K, H] with each key rotated back by its DCA region's critical offset (0 / s / c), so that ONE
+    product with q_intra scores every region: (R(a) q) . k = q . (R(-a) k) (RoPE is orthogonal). This
+    replaces three [n, S] products (one per query variant) and a select by one; the extra cost is one
+    elementwise pass over K. Without DCA, k itself."""
+    if dca is None:
+        return k
+    S = k.shape[0]
+    s, c = dca.chunk_len, dca.chunk_size
+    P = (q_start // s) * s
+    j = jnp.arange(S)
+    off = jnp.where(j >= P, 0, jnp.where(j >= P - s, s, c))
+    return apply_rope(k[None], -off[None], layer.rope_theta)[0]
+
+
+def _diagonal_sums(a, p0):
+    """a [n, S] (row i at position p0 + i) -> [S]: slash[d] = sum_i a[i, p0 + i - d] (0 where the key
+    would be < 0), by the skew trick instead of a gather: reverse the columns, pad each row by n, and
+    re-read the flat buffer with row width S + n - 1, which shifts row i right by i:
+        c[i, t] = a[i, S - 1 - t + i],  so slash[d] = sum_i c[i, S - 1 - p0 + d].
+    Worked example (n = 2, S = 4, rows at positions p0 = 2 and 3): slash[1] = a[0, 1] + a[1, 2]; with
+    t = S - 1 - p0 + 1 = 2: c[0, 2] = a[0, 3 - 2 + 0] = a[0, 1] and c[1, 2] = a[1, 3 - 2 + 1] = a[1, 2]."""
+    n, S = a.shape
+    padded = jnp.pad(a[:, ::-1], ((0, 0), (0, n)))                                      # [n, S + n]
+    c = padded.reshape(-1)[: n * (S + n - 1)].reshape(n, S + n - 1)
+    sums = jnp.concatenate([jnp.sum(c, axis=0), jnp.zeros((S,), a.dtype)])                # [2S + n - 1]
+    return lax.dynamic_slice_in_dim(sums, S - 1 - p0, S)
+
+
 def _estimate_row(q_rows, k, row_pos, row_ok, q_start, kv_len, *, layer, dca, group):
-    """One batch row. q_rows [n, N, H] q_intra of the scored rows at positions row_pos [n] (row_ok: real
-    rows), k [S, K, H]. Returns (vertical [N, V], slash [N, D])."""
+    """One batch row. q_rows [n, N, H] q_intra of the scored rows at consecutive positions row_pos [n]
+    (row_ok: real rows), k [S, K, H]. Returns (vertical [N, V], slash [N, D]).
+
+    Cost per q head at S keys: one [n, H] x [H, S] product in the cache dtype with float32 accumulation
+    (as MInference: bf16 QK^T, float32 softmax), then a few fused passes over the [n, S] float32 scores
+    (row max, row sum, column sums, the skewed diagonal sums)."""
     S, N, H = k.shape[0], q_rows.shape[1], q_rows.shape[2]
     scale = 1.0 / (H ** 0.5)
     j = jnp.arange(S)
-    if dca is not None:
-        s, c = dca.chunk_len, dca.chunk_size
-        P = (q_start // s) * s
-        variants = jnp.stack([q_rows, _rotate_const(q_rows, s, layer.rope_theta),
-                              _rotate_const(q_rows, c, layer.rope_theta)])               # [3, n, N, H]
-        region = jnp.where(j >= P, 0, jnp.where(j >= P - s, 1, 2))                       # [S]
-    else:
-        variants = q_rows[None]
-        region = jnp.zeros((S,), jnp.int32)
     visible = (j[None, :] <= row_pos[:, None]) & (j[None, :] < kv_len) & row_ok[:, None]  # [n, S]
-    dist_key = row_pos[:, None] - j[None, :]                 # key of diagonal d = j for row i: p_i - d
+    kr = _region_rotated_keys(k, q_start, layer, dca).astype(k.dtype)
+    qr = q_rows.astype(k.dtype)
 
     def head(n):
-        kh = k[:, n // group].astype(jnp.float32)                                        # [S, H]
-        qh = lax.dynamic_index_in_dim(variants, n, axis=2, keepdims=False).astype(jnp.float32)  # [R, n, H]
-        lg = jnp.einsum("rih,sh->ris", qh, kh) * scale
-        lg = jnp.take_along_axis(lg, jnp.broadcast_to(region[None, None], (1,) + lg.shape[1:]), axis=0)[0]
+        kh = kr[:, n // group]                                                           # [S, H]
+        qh = lax.dynamic_index_in_dim(qr, n, axis=1, keepdims=False)                      # [n, H]
+        lg = jnp.einsum("ih,sh->is", qh, kh, preferred_element_type=jnp.float32) * scale
         lg = jnp.where(visible, lg, -jnp.inf)
         m = jnp.max(lg, axis=-1, keepdims=True)
-        e = jnp.where(visible, jnp.exp(lg - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+        e = jnp.exp(lg - jnp.where(jnp.isfinite(m), m, 0.0))                               # exp(-inf) = 0
         a = e / jnp.maximum(jnp.sum(e, axis=-1, keepdims=True), 1e-30)                    # [n, S]
-        vert = jnp.sum(a, axis=0)
-        diag = jnp.take_along_axis(a, jnp.clip(dist_key, 0, S - 1), axis=1)
-        slash = jnp.sum(jnp.where(dist_key >= 0, diag, 0.0), axis=0)                     # [S] by d
-        return vert, slash
+        return jnp.sum(a, axis=0), _diagonal_sums(a, row_pos[0])
 
-    vert, slash = lax.map(head, jnp.arange(N))                                           # [N, S] each
+    if all(layer.static_heads()):                                                         # no VS head
+        vert = slash = jnp.zeros((N, S), jnp.float32)
+    else:
+        vert, slash = lax.map(head, jnp.arange(N))                                       # [N, S] each
     vert = jnp.where(j < kv_len, jnp.where(j < layer.sink, jnp.inf, vert), -jnp.inf)
     slash = jnp.where(j < kv_len, jnp.where(j < layer.local, jnp.inf, slash), -jnp.inf)  # d <= kv_len - 1
     v_ids = _topk(vert, min(max(layer.vertical), S), jnp.asarray(layer.vertical, jnp.int32), kv_len)
     s_ids = _topk(slash, min(max(layer.slash), S), jnp.asarray(layer.slash, jnp.int32), kv_len)
+    v_ids, s_ids = _static_heads(v_ids, s_ids, layer, kv_len)
     if dca is not None:
         v_ids = jnp.concatenate([v_ids, _fallback(v_ids, s_ids, q_start, kv_len, dca)], axis=-1)
     return _sorted_unique(v_ids), jnp.sort(s_ids, axis=-1)
+
+
+def _static_heads(v_ids, s_ids, layer, kv_len):
+    """A-shape heads (spec 3.1: no estimation) keep the first `vertical` keys and the `slash` nearest
+    diagonals: ids 0..budget-1 (capped at kv_len), SENTINEL after."""
+    if not any(layer.static_heads()):
+        return v_ids, s_ids
+    static = jnp.asarray(layer.static_heads(), bool)[:, None]
+    out = []
+    for ids, budget in ((v_ids, layer.vertical), (s_ids, layer.slash)):
+        r = jnp.arange(ids.shape[-1], dtype=jnp.int32)[None, :]
+        fixed = jnp.where(r < jnp.minimum(jnp.asarray(budget, jnp.int32)[:, None], kv_len), r, SENTINEL)
+        out.append(jnp.where(static, fixed, ids))
+    return tuple(out)
 
 
 def _fallback(v_ids, s_ids, q_start, kv_len, dca):
