@@ -129,7 +129,7 @@ def timing(L: int, res: dict, reps: int):
             f_prep = jax.jit(lambda vv, ss, k, v: prepare(vv, ss, qs, kl, k, v, T=-(-T // BLOCK) * BLOCK,
                                                           chunk_len=s))
             ix = f_prep(vv, ss, k, v)
-            t_prep = bench(lambda *x: f_prep(*x)["blocks"], vv, ss, k, v, reps=reps)
+            t_prep = bench(lambda *x: f_prep(*x)["delta"], vv, ss, k, v, reps=reps)
             tiles = int(ix["nblk"].sum() + ix["nvt"].sum())
             f_sp = jax.jit(lambda q, k, v, vv, ss: vs_prefill_mgpu(q, k, v, qs, kl, vv, ss, chunk_len=s)[0])
             t_sp = bench(f_sp, q, k, v, vv, ss, reps=reps)

@@ -139,6 +139,8 @@ def _run_range(q, k_ref, v_ref, lo, hi, unmasked_end, carry, *, block_k, qk_scal
     Unmasked tiles end at or below kv_len <= S, so only the masked tail can reach past a ragged S.
     """
     mid = jnp.clip(unmasked_end, lo, hi)
+    if isinstance(k_ref, Fp8Ref):            # cast the query once, not per key tile (`_tile_step`)
+        q = q.astype(_fp8_compute_dtype(q.dtype))
     plain = lambda t, c: _tile_step(q, k_ref, v_ref, t, c, block_k=block_k, qk_scale=qk_scale)
     carry = lax.fori_loop(lo, mid, plain, carry)
     masked = lambda t, c: _tile_step(q, k_ref, v_ref, t, c, block_k=block_k, qk_scale=qk_scale,

@@ -9,8 +9,9 @@ Inputs `vertical` [B,N,V] (key ids) and `slash` [B,N,D] (distances), ascending, 
 >= S are padding.
 
 Walk (wrapper, plain jnp, then one kernel):
-1. Per (b, head, query block) the active key blocks, compacted into an ascending list `blocks` with
-   count `nblk` (searchsorted over the sorted diagonals; no [T, S] mask is built).
+1. Per (b, head) one descending list of block distances `delta` (`block_distances`): query block m's
+   active key blocks are Q0 + m - delta[bstart[m] : bstart[m] + nblk[m]], ascending; no table over
+   (query block, key block) pairs is built.
 2. The selected columns, grouped by DCA region (inter, succ, intra: contiguous because ascending), each
    group padded to whole 128-column tiles, K/V rows gathered into dense tiles `kc`/`vc` [B,N,Vp,H] (per
    q head: each head has its own columns). `vcols` holds each slot's key id (padding: a huge id), so a
@@ -20,7 +21,7 @@ Walk (wrapper, plain jnp, then one kernel):
    a column is counted once (in its column tile).
 4. Kernel: one CTA = 128 query rows (two compute warpgroups of 64, as dca_prefill_mgpu.py) of one q head.
    The memory warpgroup streams steps 0..nblk+nvt-1 into a 2-slot TMA ring: step t < nblk loads key
-   block blocks[t] of the cache and its keypos slice, later steps the gathered column tile and its vcols
+   block Q0 + m - delta[bstart + t] of the cache and its keypos slice, later steps the gathered column tile and its vcols
    slice. Only these tiles are ever loaded. The tile's key positions (keypos or vcols, 512 bytes) are
    read by the compute warpgroups straight from global memory (L2) into registers: an SMEM ring for them
    put the kernel 136 bytes over the H200's 232,448 bytes of shared memory (measured 2026-12-02; every
@@ -81,18 +82,51 @@ def active_blocks(slash, q_start, kv_len, T: int, S: int):
     return act & (kb0[None, None, None, :] < kv_len[:, None, None, None])
 
 
+def block_distances(slash, q_start, kv_len, T: int, S: int):
+    """The active blocks of every query block from ONE list per head (module docstring step 1).
+
+    With a_m = q_start + 128m = 128(Q0 + m) + r (Q0 = q_start // 128, r = q_start % 128), diagonal d's
+    band over block m's rows, keys [a_m - d, a_m + 127 - d], touches key blocks Q0 + m - delta for
+    delta in {-floor((r - d) / 128), -floor((r + 127 - d) / 128)}: the same offsets for every m. So
+    active(m, kb) iff Q0 + m - kb is in the head's set of block distances, and block m's list, ascending,
+    is Q0 + m - delta over the set sorted descending, cut to 0 <= kb < cdiv(kv_len, 128). Returns
+    delta [B, N, nkb + 2] int32 descending (padding: a huge negative, never in range), and per query block
+    the range of it to walk: bstart, nblk [B, N, nqb]. O(N (D + nkb)) per step instead of the
+    O(N T S / 128^2) table of every (query block, key block) pair (16 ms per layer at 1M keys, 32K rows).
+    Worked example (q_start = 260: Q0 = 2, r = 4): d = 0 gives deltas {0, -1} (rows 260..387 hit key
+    blocks 2 and 3); d = 300 gives {3, 2}: block m = 0 reaches key blocks -1 (dropped) and 0."""
+    B, N, D = slash.shape
+    nkb, nqb = -(-S // BLOCK), -(-T // BLOCK)
+    r = (q_start % BLOCK)[:, None, None]
+    d = jnp.where(slash < S, slash, FAR)
+    live = (d < FAR)
+    fl = lambda x: jnp.where(x >= 0, lax.div(x, BLOCK), -lax.div(-x + BLOCK - 1, BLOCK))   # floor(x / 128)
+    lo, hi = -fl(r - d), -fl(r + BLOCK - 1 - d)                                          # [B, N, D] each
+    W = nkb + 2                                                                          # delta in [-1, nkb]
+    ib, inn = jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None]
+    mark = jnp.zeros((B, N, W), bool)
+    for x in (lo, hi):
+        ok = live & (x >= -1) & (x <= nkb)
+        mark = mark.at[ib, inn, jnp.where(ok, x + 1, W)].set(True, mode="drop")
+    vals = jnp.where(mark, jnp.arange(W, dtype=jnp.int32)[None, None] - 1, -FAR)
+    delta = -jnp.sort(-vals, axis=-1)                                                    # descending
+    top = lax.div(q_start, BLOCK)[:, None] + jnp.arange(nqb)[None, :]                     # Q0 + m [B, nqb]
+    nkv = lax.div(kv_len + BLOCK - 1, BLOCK)[:, None]
+    asc = -delta                                                                         # ascending
+    count_gt = lambda x: jax.vmap(jax.vmap(lambda a, y: jnp.searchsorted(a, -y, side="left"),
+                                           in_axes=(0, None)), in_axes=(0, 0))(asc, x)   # #{delta > x}
+    i1 = count_gt(top)                                        # delta <= Q0 + m from here on
+    i2 = count_gt(top - nkv)                                  # ... and delta > Q0 + m - nkv before here
+    return delta.astype(jnp.int32), i1.astype(jnp.int32), jnp.maximum(i2 - i1, 0).astype(jnp.int32)
+
+
 def prepare(vertical, slash, q_start, kv_len, k, v, *, T: int, chunk_len: int | None):
     """The kernel's index tables (module docstring steps 1-3)."""
     B, S, K, H = k.shape
     N = vertical.shape[1]
     group = N // K
-    nqb, nkb = -(-T // BLOCK), S // BLOCK
-    act = active_blocks(slash, q_start, kv_len, T, S)                                   # [B, N, nqb, nkb]
-    nblk = act.sum(-1).astype(jnp.int32)
-    pos = jnp.cumsum(act, axis=-1) - 1
-    kb = jnp.broadcast_to(jnp.arange(nkb, dtype=jnp.int32), act.shape)
-    ib, inn, im = (jnp.arange(x)[(slice(None),) + (None,) * (3 - i)] for i, x in enumerate((B, N, nqb)))
-    blocks = jnp.zeros(act.shape, jnp.int32).at[ib, inn, im, jnp.where(act, pos, nkb)].set(kb, mode="drop")
+    nqb = -(-T // BLOCK)
+    delta, bstart, nblk = block_distances(slash, q_start, kv_len, T, S)
 
     cols = jnp.where(vertical < jnp.minimum(kv_len, S)[:, None, None], vertical, FAR).astype(jnp.int32)
     cols = jnp.sort(cols, axis=-1)                                                       # [B, N, V]
@@ -134,7 +168,7 @@ def prepare(vertical, slash, q_start, kv_len, k, v, *, T: int, chunk_len: int | 
     vc = v[jnp.arange(B)[:, None, None], src, kvh]
     isvert = jnp.zeros((B, N, S), bool).at[ib3, in3, cols].set(True, mode="drop")
     keypos = jnp.where(isvert, FAR, jnp.arange(S, dtype=jnp.int32)[None, None, :]).astype(jnp.int32)
-    return dict(blocks=blocks, nblk=nblk, vcols=vcols, vt_region=vt_region, nvt=nvt, kc=kc, vc=vc,
+    return dict(delta=delta, bstart=bstart, nblk=nblk, vcols=vcols, vt_region=vt_region, nvt=nvt, kc=kc, vc=vc,
                 keypos=keypos)
 
 
@@ -142,7 +176,7 @@ def prepare(vertical, slash, q_start, kv_len, k, v, *, T: int, chunk_len: int | 
 # Kernel
 # ----------------------------------------------------------------------------------------------
 
-def _kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_ref, keypos_ref, vcols_ref,
+def _kernel(q_start_ref, kv_len_ref, delta_ref, bstart_ref, nblk_ref, nvt_ref, vt_region_ref, keypos_ref, vcols_ref,
             q_ref, k_ref, v_ref, kc_ref, vc_ref, out_ref, lse_ref, scratch, *, n_variants, num_pairs, head_dim,
             stages, chunk_len, group, interpret, columns):
     q_smem, k_smem, v_smem, p_smem, q_bars, k_bars, v_bars, k_free, v_free, sched = scratch
@@ -155,10 +189,12 @@ def _kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_re
     dtype = q_ref.dtype
     nblk = 0 if columns else nblk_ref[b, n, m]
     steps = nvt_ref[b, n, m] if columns else nblk
-    max_blk = blocks_ref.shape[-1]
+    max_blk = delta_ref.shape[-1]
+    top = lax.div(q_start, BLOCK) + m                                # Q0 + m (see block_distances)
+    bstart = 0 if columns else bstart_ref[b, n, m]
 
     def block_of(t):
-        return blocks_ref[b, n, m, jnp.clip(t, 0, max_blk - 1)]
+        return top - delta_ref[b, n, jnp.clip(bstart + t, 0, max_blk - 1)]
 
     def sched_barrier():
         plgpu.barrier_arrive(sched)
@@ -305,7 +341,7 @@ def _vs_prefill_mgpu(q3, k, v, q_start, kv_len, vertical, slash, *, chunk_len, m
     num_pairs = Tp // BLOCK
     ix = _prepare_jit(vertical, slash, q_start, kv_len, k, v, T=Tp, chunk_len=chunk_len)
     stages = max_concurrent_steps
-    args = (q_start, kv_len, ix["blocks"], ix["nblk"], ix["nvt"], ix["vt_region"], ix["keypos"], ix["vcols"],
+    args = (q_start, kv_len, ix["delta"], ix["bstart"], ix["nblk"], ix["nvt"], ix["vt_region"], ix["keypos"], ix["vcols"],
             q3, k, v, ix["kc"], ix["vc"])
     o1, l1 = _launch(args, columns=False, R=R, B=B, Tp=Tp, N=N, H=H, K=K, stages=stages, chunk_len=chunk_len,
                      num_pairs=num_pairs, dtype=q3.dtype, interpret=interpret)
@@ -331,7 +367,7 @@ def _launch(args, *, columns, R, B, Tp, N, H, K, stages, chunk_len, num_pairs, d
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, n_variants=R, num_pairs=num_pairs, head_dim=H, stages=stages,
                                chunk_len=chunk_len, group=N // K, interpret=interpret, columns=columns)
-    def entry(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_ref, keypos_ref, vcols_ref,
+    def entry(q_start_ref, kv_len_ref, delta_ref, bstart_ref, nblk_ref, nvt_ref, vt_region_ref, keypos_ref, vcols_ref,
               q_ref, k_ref, v_ref, kc_ref, vc_ref, out_ref, lse_ref):
         scratch = [
             plgpu.SMEM((COMPUTE_WGS, R, HALF, H), dtype, transforms=tiled),
@@ -348,7 +384,7 @@ def _launch(args, *, columns, R, B, Tp, N, H, K, stages, chunk_len, num_pairs, d
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),
         )
         pl.run_scoped(
-            lambda *refs: kernel(q_start_ref, kv_len_ref, blocks_ref, nblk_ref, nvt_ref, vt_region_ref,
+            lambda *refs: kernel(q_start_ref, kv_len_ref, delta_ref, bstart_ref, nblk_ref, nvt_ref, vt_region_ref,
                                  keypos_ref, vcols_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, out_ref, lse_ref,
                                  refs),
             *scratch, *barriers, collective_axes="wg")

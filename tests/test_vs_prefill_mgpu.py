@@ -70,3 +70,24 @@ def test_refusals():
         vs_prefill_mgpu(q.astype(jnp.float32), k, v, qs, kl, vert, slash, chunk_len=128, interpret=True)
     with pytest.raises(ValueError, match="vertical"):
         vs_prefill_mgpu(q, k, v, qs, kl, vert[:, :2], slash, chunk_len=128, interpret=True)
+
+
+@pytest.mark.parametrize("q_start, T, kv_len", [(260, 100, 360), (256, 300, 556), (0, 200, 200), (1000, 77, 1077)])
+def test_block_distances_give_the_active_blocks(q_start, T, kv_len):
+    """The kernel's per-head block-distance lists (block_distances) name exactly the blocks of the
+    (query block, key block) table `active_blocks` defines, for q_start on and off a 128 boundary."""
+    from pallas_kernels.vs_prefill_mgpu import BLOCK, active_blocks, block_distances
+    S = 1280
+    rng = np.random.default_rng(q_start)
+    N = 3
+    slash = np.full((1, N, 40), sparse.SENTINEL, np.int32)
+    for n in range(N):
+        d = np.sort(rng.choice(kv_len, 30 + n, replace=False))
+        slash[0, n, :len(d)] = d
+    qs, kl = jnp.array([q_start], jnp.int32), jnp.array([kv_len], jnp.int32)
+    act = np.asarray(active_blocks(jnp.asarray(slash), qs, kl, T, S))[0]                # [N, nqb, nkb]
+    delta, bstart, nblk = (np.asarray(x)[0] for x in block_distances(jnp.asarray(slash), qs, kl, T, S))
+    for n in range(N):
+        for m in range(act.shape[1]):
+            got = [q_start // BLOCK + m - x for x in delta[n, bstart[n, m]:bstart[n, m] + nblk[n, m]]]
+            assert got == sorted(got) and got == np.flatnonzero(act[n, m]).tolist(), (n, m)
