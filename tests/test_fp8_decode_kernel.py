@@ -72,7 +72,7 @@ def test_fp8_decode_kernel_refuses_bad_scales():
 
 
 def test_fp8_engine_pallas_decode_matches_reference_path():
-    """The engine with an e4m3 cache: pallas (the decode and prefill kernels read e4m3 + scales) against the reference path (dequantized cache everywhere), float32 model. Same
+    """The engine with an e4m3 cache: pallas (the decode kernel reads e4m3 + scales; prefill dequantizes) against the reference path (dequantized cache everywhere), float32 model. Same
     values enter attention on both paths, so greedy tokens must agree exactly: the token margins of this
     random model (~1e-1) dwarf float32 reassociation (~1e-6)."""
     import dataclasses

@@ -56,11 +56,21 @@ def _block(cap: int, chunk_len: int | None, what: str) -> int:
                      f"power-of-two divisor >= 16 for the {what} tile; use impl='reference' or 'cudnn'")
 
 
+# Prefill on an e4m3 cache: the Triton prefill kernel can read e4m3 tiles + scales itself (dca_prefill's
+# k_scale / v_scale, tested), but measured on the H200 (2026-12-02, 131072 keys, 2048 rows, 28/4 heads,
+# benchmarks/check_fp8_decode.py) it takes 17.4 ms against 7.1 ms for dequantizing the layer's K/V to bf16
+# and running the Mosaic kernel (10.5 ms with the Triton kernel): prefill is compute-bound, the per-tile
+# e4m3 -> f16 conversion sits on the tensor cores' critical path, and the copy (one layer, transient:
+# 2 GB at 1M keys, against a 29 GB e4m3 cache) is paid once per piece of thousands of rows. So prefill
+# dequantizes; decode (bandwidth-bound) reads e4m3 in the kernel.
+PREFILL_READS_FP8 = False
+
+
 def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
                   interpret: bool | None = None, k_scale=None, v_scale=None):
     """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the Pallas kernels. An e4m3 cache
-    (k_scale, v_scale [B,S,K]) is read directly by the decode kernel and by the Triton prefill kernel (a
-    cache whose S is not a multiple of the key tile is dequantized first)."""
+    (k_scale, v_scale [B,S,K]) is read directly by the decode kernel; prefill dequantizes the layer first
+    (PREFILL_READS_FP8 says why)."""
     chunk_len = None if dca is None else dca.chunk_len
     T = q.shape[-3]
     if T <= DECODE_MAX_T and (chunk_len is None or T < chunk_len):
@@ -75,9 +85,7 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
                   block_k=_block(PREFILL_BLOCK_K, chunk_len, "prefill key"), num_warps=PREFILL_WARPS,
                   num_stages=PREFILL_STAGES, interpret=interpret)
     if k_scale is not None:
-        if k_cache.shape[1] % triton["block_k"] == 0:
-            # The Triton prefill kernel reads e4m3 tiles + scales itself (no bf16 copy of the layer's
-            # cache); the Mosaic kernel's TMA pipeline has no e4m3 path yet.
+        if PREFILL_READS_FP8 and k_cache.shape[1] % triton["block_k"] == 0:
             return dca_prefill(q, k_cache, v_cache, q_start, kv_len, k_scale=k_scale, v_scale=v_scale, **triton)
         from zenjax.model import dequantize_fp8
         k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
@@ -89,7 +97,7 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
     return dca_prefill(q, k_cache, v_cache, q_start, kv_len, **triton)
 
 
-READS_FP8 = True     # the decode and Triton prefill kernels read an e4m3 cache and its scales (attention_lse)
+READS_FP8 = True     # the decode kernel reads an e4m3 cache and its scales; prefill dequantizes (attention_lse)
 
 
 def run(q, k_cache, v_cache, meta, k_scale=None, v_scale=None):
