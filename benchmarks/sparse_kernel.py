@@ -17,7 +17,8 @@ Run on an H100 / H200 from the repo root:
                "estimated": zenjax's online estimator on random q/k (near-uniform attention: the top-k
                             diagonals scatter over the whole range; worst case for the block mask)
    Effective speedup = dense time / sparse time. TFLOP/s on computed blocks = 4 * 128 * 128 * H *
-   (128-row x 128-key tiles the kernel runs) / time; the estimator is timed on its own, with each top-k implementation (sparse.TOPK_IMPL).
+   (128-row x 128-key tiles the kernel runs) / time, beside dense causal cuDNN (T = S = 32K) measured in the
+   same run; the estimator is timed on its own, with each top-k implementation (sparse.TOPK_IMPL).
 """
 from __future__ import annotations
 
@@ -149,6 +150,20 @@ def timing(L: int, res: dict, reps: int):
     res["timing"].append(row)
 
 
+def cudnn_anchor(reps: int, S: int = 32768) -> dict:
+    """Dense causal cuDNN attention (jax.nn.dot_product_attention, implementation="cudnn"), T = S, 28/4
+    heads, d = 128, bf16: the TFLOP/s rate every attention figure here is set beside (causal work
+    4 * S^2 * N * H / 2)."""
+    q = jax.random.normal(jax.random.key(1), (1, S, N, H), jnp.bfloat16)
+    k = jax.random.normal(jax.random.key(2), (1, S, K, H), jnp.bfloat16)
+    v = jax.random.normal(jax.random.key(3), (1, S, K, H), jnp.bfloat16)
+    f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+    t = bench(f, q, k, v, reps=reps)
+    row = {"S": S, "s": t, "tflops": 4 * S * S * N * H / 2 / t / 1e12}
+    print(f"cuDNN dense causal S={S}: {t * 1e3:.1f} ms, {row['tflops']:.0f} TFLOP/s", flush=True)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", default="128k,512k,1m")
@@ -165,6 +180,11 @@ def main(argv=None):
         traceback.print_exc(limit=6)
         res["correctness"] = {"error": repr(e)[:1000]}
     print("correctness", res["correctness"], flush=True)
+    try:
+        res["cudnn"] = cudnn_anchor(a.reps)
+    except Exception as e:                                          # noqa: BLE001
+        traceback.print_exc(limit=4)
+        res["cudnn"] = {"error": repr(e)[:500]}
     for L in lengths:
         try:
             timing(L, res, a.reps)
