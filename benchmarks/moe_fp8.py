@@ -32,6 +32,30 @@ SMOKE_MOE = dataclasses.replace(QWEN15_MOE_A27B, vocab_size=512, hidden_size=64,
                                 moe=MoEConfig(8, 2, 32, 64, mlp_only_layers=(1,)))
 
 
+def check_grouped(M: int = 131072, E: int = 60, D: int = 2048, F: int = 1408) -> dict:
+    """One grouped projection of the A2.7B shape (32K tokens x top-4 rows, 60 experts): the Mosaic GPU
+    ragged dot vs jax.lax.ragged_dot, relative difference and times."""
+    import jax.numpy as jnp
+    from benchmarks.common import bench
+    from zenjax import layers
+    x = jax.random.normal(jax.random.key(0), (M, D), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (E, D, F), jnp.bfloat16) * 0.02
+    sizes = jnp.bincount(jnp.sort(jax.random.randint(jax.random.key(2), (M,), 0, E)), length=E).astype(jnp.int32)
+    mode = layers.GROUPED_MATMUL
+    out = {}
+    for m in ("xla", "mgpu"):
+        layers.GROUPED_MATMUL = m
+        f = jax.jit(lambda x, w, s: layers.grouped_linear(x, w, s))
+        out[m] = (f(x, w, sizes).astype(jnp.float32), bench(f, x, w, sizes, reps=5))
+    layers.GROUPED_MATMUL = mode
+    rel = float(jnp.linalg.norm(out["mgpu"][0] - out["xla"][0]) / jnp.linalg.norm(out["xla"][0]))
+    flops = 2 * M * D * F
+    row = {"rows": M, "experts": E, "rel_mgpu_vs_xla": rel, **{f"{m}_ms": round(t * 1e3, 2) for m, (_, t) in out.items()},
+           **{f"{m}_tflops": round(flops / t / 1e12, 1) for m, (_, t) in out.items()}}
+    print("grouped matmul check", row, flush=True)
+    return row
+
+
 def to_fp8(cfg: ModelConfig, params: dict) -> dict:
     """Random bf16 weights -> the fp8 layout (values + scales), one jitted quantizer per distinct shape."""
     fns: dict = {}
@@ -57,8 +81,16 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8", help="decode batch sizes")
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--attention", default="cudnn")
+    ap.add_argument("--grouped", choices=("xla", "mgpu"), default="xla",
+                    help="expert matmul: jax.lax.ragged_dot or JAX's Mosaic GPU ragged dot (zenjax.layers)")
+    ap.add_argument("--check", action="store_true", help="first compare one MoE layer's grouped matmul "
+                    "(mgpu vs ragged_dot) on random routed rows")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
+    from zenjax import layers
+    layers.GROUPED_MATMUL = a.grouped
+    if a.check:
+        check_grouped()
     from benchmarks.common import QWEN25_7B_1M, SMOKE
     if a.smoke:
         cfg, attention = (SMOKE_MOE if a.model == "moe" else dataclasses.replace(SMOKE, dca=None)), "reference"
@@ -69,9 +101,10 @@ def main(argv=None):
     warm = ceilings(small=a.smoke)
     lengths = [int(x) for x in a.lengths.split(",")]
     contexts = [int(x) for x in a.contexts.split(",")]
-    info = {"device": jax.devices()[0].device_kind, "model": a.model, "weights": a.weights, "ceilings": warm}
+    info = {"device": jax.devices()[0].device_kind, "model": a.model, "weights": a.weights, "ceilings": warm,
+            "grouped": a.grouped}
     out = dict(info, prefill=[], decode={})
-    name = f"moe_fp8_{a.model}_{a.weights}.json"
+    name = f"moe_fp8_{a.model}_{a.weights}_{a.grouped}.json"
     for b in [int(x) for x in a.batches.split(",")]:
         params = random_params(cfg)
         if a.weights == "fp8":
