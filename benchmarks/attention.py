@@ -27,11 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import bench
 

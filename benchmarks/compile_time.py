@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import gc
 import os
-import time
 
 from benchmarks.common import QWEN25_7B_1M, random_params, write_json
 from benchmarks.prefill import make_engine, ttft

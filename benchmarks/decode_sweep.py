@@ -32,7 +32,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from benchmarks.common import bench
 from pallas_kernels.dca_decode import (LOOPS, _decode_partials, dca_decode, dca_decode_reference,

@@ -152,7 +152,6 @@ def prepare(vertical, slash, q_start, kv_len, k, v, *, T: int, chunk_len: int | 
     Vp = -(-(V + 3 * (BLOCK - 1)) // BLOCK) * BLOCK
     ib3, in3 = jnp.arange(B)[:, None, None], jnp.arange(N)[None, :, None]
     vcols = jnp.full((B, N, Vp), FAR, jnp.int32).at[ib3, in3, jnp.where(slot >= 0, slot, Vp)].set(cols, mode="drop")
-    ntiles = Vp // BLOCK
     first = vcols[:, :, ::BLOCK]                                                          # [B, N, ntiles]
     if chunk_len is None:
         vt_region = jnp.zeros(first.shape, jnp.int32)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.vs_prefill_mgpu import FAR, _reference, vs_prefill_mgpu
+from pallas_kernels.vs_prefill_mgpu import _reference, vs_prefill_mgpu
 from zenjax.attention import AttentionMeta, sparse
 from zenjax.config import DCAConfig
 
