@@ -15,6 +15,7 @@ import pytest
 from serve_doubles import SlotQueries
 from zenjax.config import EngineConfig
 from zenjax.sampling import SamplingParams
+from zenjax.serve.metrics import Metrics
 from zenjax.serve.pacing import FIT_MARGIN, CostBound
 from zenjax.serve.scheduler import Finished, Request, Scheduler
 
@@ -211,7 +212,8 @@ def test_budget_off_keeps_one_full_piece_per_iteration():
 def test_prefix_reuse_picks_the_slot_holding_the_prompt_and_reports_reused_tokens():
     clock = Clock()
     eng = CostEngine(clock, max_batch=3)
-    sch = Scheduler(eng, max_queue=4, reuse_min=8, clock=clock)
+    metrics = Metrics()
+    sch = Scheduler(eng, max_queue=4, reuse_min=8, clock=clock, metrics=metrics)
     doc = list(range(100, 140))                  # 40 tokens
     first = Request("q1", doc + [1, 2, 3], SamplingParams(max_new_tokens=2))
     other = Request("x", list(range(500, 530)), SamplingParams(max_new_tokens=2))
@@ -229,5 +231,6 @@ def test_prefix_reuse_picks_the_slot_holding_the_prompt_and_reports_reused_token
     fin = [e for e in _drain(second) if isinstance(e, Finished)][0]
     assert fin.usage.reused_tokens == 40 and second.reused == 40      # the document only: q1's tail differs
     assert [e for e in _drain(stranger) if isinstance(e, Finished)][0].usage.reused_tokens == 0
+    assert metrics.registry.get_sample_value("zenjax_reused_prompt_tokens_total") == 40      # Prometheus
     # the prefill started after the reused prefix
     assert [(e[2], e[3]) for e in eng.log if e[0] == "prefill" and e[1] == 0][-1] == (40, 42)

@@ -197,11 +197,17 @@ def test_server_config_from_args():
     assert (c.port, c.max_batch, c.max_model_len, c.prefill_chunk, c.max_queue, c.metrics_port,
             c.grace_seconds, c.checkpoint) == (0, 8, 4096, 512, 3, 9100, 2.5, "/ckpt")
     assert c.host == "127.0.0.1"
+    c = config_from_args(["--max-itl-ms", "0", "--prefix-reuse-min", "0"])
+    assert (c.max_itl_ms, c.prefix_reuse_min) == (0.0, 0)
+    assert (ServerConfig().max_itl_ms, ServerConfig().prefix_reuse_min) == (100.0, 256)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--max-batch", "0"], "--max-batch"), (["--port", "70000"], "--port"),
                                        (["--max-queue", "-1"], "--max-queue"),
-                                       (["--prefill-chunk", "0"], "--prefill-chunk")])
+                                       (["--prefill-chunk", "0"], "--prefill-chunk"),
+                                       (["--max-itl-ms", "-1"], "--max-itl-ms"),
+                                       (["--max-itl-ms", "inf"], "--max-itl-ms"),
+                                       (["--prefix-reuse-min", "-5"], "--prefix-reuse-min")])
 def test_server_config_rejects_bad_flag(argv, flag, capsys):
     from zenjax.serve.server import config_from_args
     with pytest.raises(SystemExit) as e:

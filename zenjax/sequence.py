@@ -10,6 +10,7 @@ dropped (never appended, never emitted).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -58,10 +59,14 @@ class SlotView:
 class HeldPrefix:
     """What a released slot's cache row still holds: K/V of `ids` at positions 0..len(ids)-1, written by
     a sequence whose prompt had `prompt_len` tokens (its DCA temperature, see `reusable_prefix`), prefilled
-    sparse or dense."""
-    ids: np.ndarray          # int32 [n]
+    sparse or dense. ids may be a list (release stays cheap); `array` converts it once, when needed."""
+    ids: Sequence[int]
     prompt_len: int
     sparse: bool
+
+    @functools.cached_property
+    def array(self) -> np.ndarray:
+        return np.asarray(self.ids, np.int32)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -94,7 +99,7 @@ def reusable_prefix(held: HeldPrefix, ids: np.ndarray, applied_temps: np.ndarray
     reuse 300. The same with the new prompt past L0 (m > 1): reuse 0."""
     if held.sparse != sparse or min_tokens <= 0:
         return 0
-    r = min(common_prefix(held.ids, ids), len(ids) - 1)
+    r = min(common_prefix(held.array, ids), len(ids) - 1)
     if r < min_tokens:
         return 0
     target = applied_temps[len(ids)]
@@ -188,7 +193,7 @@ class SequenceState:
     def held(self, sparse: bool) -> HeldPrefix:
         """What the cache row holds once this sequence is released (prefix reuse)."""
         ids = self.prompt_ids[: self.prefilled] + self.fed[: self.position - self.prompt_len]
-        return HeldPrefix(np.asarray(ids, np.int32), self.prompt_len, sparse)
+        return HeldPrefix(ids, self.prompt_len, sparse)
 
     def append(self, token: int) -> tuple[str, str | None]:
         """Record a generated token; returns (text delta, finish reason or None)."""
