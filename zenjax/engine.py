@@ -168,7 +168,7 @@ class Engine:
         seq = SequenceState(slot, prompt_ids, params, chunk=self.engine_config.prefill_chunk,
                             dca_chunk_len=self.config.dca.chunk_len if self.config.dca else None,
                             max_new_tokens=max_new, stream=text_stream(self.tokenizer, params, stop_ids, max_new),
-                            reused=reused)
+                            reused=reused, sparse=self.prefills_sparse(n))
         # params.seed wins; an unseeded request draws a fresh seed
         values = slot_values(params, prompt_ids, self.config.vocab_size, int.from_bytes(os.urandom(4), "little"))
         self.runner.set_row(slot, values, token=0, pos=n, prompt_len=n, remaining=max_new, live=False,
@@ -219,7 +219,7 @@ class Engine:
         last one, sample and return the first token."""
         seq = self._seqs[slot]
         start, end = seq.next_piece(max_tokens)
-        sparse = self.prefills_sparse(seq.prompt_len)
+        sparse = seq.sparse
         seq.reusable = False                   # until the step is done: a failure leaves the row unknown
         logits = self.runner.prefill(slot, seq.prompt_ids, start, end, sparse=sparse)
         jax.block_until_ready(logits)          # so the caller's clock measures the piece (ITL budget)
@@ -295,7 +295,7 @@ class Engine:
         seq = self._seqs.pop(slot, None)
         self._held.pop(slot, None)
         if seq is not None and keep and seq.reusable and seq.cached > 0:
-            self._held[slot] = seq.held(self.prefills_sparse(seq.prompt_len))
+            self._held[slot] = seq.held()
 
     def warmup(self, slot: int = 0) -> None:
         """Compile every step a request can use (one prompt per prefill bucket, then a decode call), so

@@ -47,12 +47,14 @@ class SlotView:
 
     prompt_len  prompt tokens;  prefilled  prompt tokens in the cache (reused ones included);
     reused      prompt tokens taken from the slot's previous sequence (prefix reuse), not prefilled;
-    decoding    prefill done, first token sampled, not finished;  cached  tokens in the slot's cache."""
+    decoding    prefill done, first token sampled, not finished;  cached  tokens in the slot's cache;
+    sparse      its pieces run the sparse prefill step (another cost per piece than dense ones)."""
     prompt_len: int
     prefilled: int
     reused: int
     decoding: bool
     cached: int
+    sparse: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +154,13 @@ class SequenceState:
     tokens past a host-side stop string are in the cache but not in output_ids)."""
 
     def __init__(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, *,
-                 chunk: int, dca_chunk_len: int | None, max_new_tokens: int, stream, reused: int = 0):
+                 chunk: int, dca_chunk_len: int | None, max_new_tokens: int, stream, reused: int = 0,
+                 sparse: bool = False):
         self.slot, self.prompt_ids, self.params = slot, list(prompt_ids), params
         self.prompt_len = len(self.prompt_ids)
         self.chunk, self.dca_chunk_len = chunk, dca_chunk_len
         self.reused = reused               # prompt tokens whose K/V the slot already held
+        self.sparse = sparse               # prefilled with the sparse step
         self.prefilled = reused            # prompt tokens already in the cache
         self.position = self.prompt_len   # where the next decoded token's K/V goes
         self.last_token: int | None = None
@@ -183,17 +187,17 @@ class SequenceState:
 
     def view(self) -> SlotView:
         return SlotView(prompt_len=self.prompt_len, prefilled=self.prefilled, reused=self.reused,
-                        decoding=self.decoding, cached=self.cached)
+                        decoding=self.decoding, cached=self.cached, sparse=self.sparse)
 
     @property
     def cached(self) -> int:
         """Tokens whose K/V are in the slot's cache row (positions 0..cached-1)."""
         return self.position if self.prefill_done else self.prefilled
 
-    def held(self, sparse: bool) -> HeldPrefix:
+    def held(self) -> HeldPrefix:
         """What the cache row holds once this sequence is released (prefix reuse)."""
         ids = self.prompt_ids[: self.prefilled] + self.fed[: self.position - self.prompt_len]
-        return HeldPrefix(ids, self.prompt_len, sparse)
+        return HeldPrefix(ids, self.prompt_len, self.sparse)
 
     def append(self, token: int) -> tuple[str, str | None]:
         """Record a generated token; returns (text delta, finish reason or None)."""

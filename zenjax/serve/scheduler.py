@@ -174,7 +174,8 @@ class Scheduler:
         self.max_itl_s = max_itl_ms / 1000.0
         self.reuse_min = int(reuse_min)
         self.clock = clock
-        self.prefill_cost = CostBound()      # (bucket, end position) -> seconds
+        # (bucket, end position) -> seconds, for dense and for sparse pieces (different costs)
+        self.prefill_cost = {False: CostBound(), True: CostBound()}
         self.decode_cost = CostBound()       # (steps, tokens cached in the decoding slots) -> seconds
         self._released = [0] * int(engine.max_batch)   # release order of each slot (LRU choice)
         self._release_count = 0
@@ -314,9 +315,10 @@ class Scheduler:
         """The largest prefill bucket whose piece of `slot` is bounded within `left` seconds; the smallest
         one for the iteration's first piece when none is (progress); None: stop prefilling."""
         buckets = sorted(self.engine.prefill_buckets)
+        cost = self.prefill_cost[self.engine.slot_state(slot).sparse]
         for b in reversed(buckets):
             _, end, bucket = self.engine.next_piece(slot, b)
-            bound = self.prefill_cost.bound(bucket, end)
+            bound = cost.bound(bucket, end)
             if bound is not None and bound <= left:
                 return b
         return buckets[0] if first else None
@@ -387,7 +389,9 @@ class Scheduler:
     def _prefill(self, slot: int, max_tokens: int | None) -> float:
         """One piece of `slot` (<= max_tokens); returns its measured seconds."""
         req = self._slots[slot]
-        before = self.engine.slot_state(slot).prefilled
+        view = self.engine.slot_state(slot)
+        before = view.prefilled
+        cost = self.prefill_cost[view.sparse]
         _, end, bucket = self.engine.next_piece(slot, max_tokens)
         t0 = self.clock()
         try:
@@ -397,7 +401,7 @@ class Scheduler:
             self._abort(slot, "prefill", e)
             return self.clock() - t0
         dt = self.clock() - t0
-        self.prefill_cost.add(bucket, end, dt)
+        cost.add(bucket, end, dt)
         view = self.engine.slot_state(slot)
         if self.metrics is not None:
             self.metrics.prefill(view.prefilled - before, dt)
