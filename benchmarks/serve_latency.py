@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -96,7 +97,11 @@ def run_scheduler(engine, **kw) -> Scheduler:
     return sch
 
 
+ROWS: list[dict] = []
+
+
 def emit(row: dict) -> None:
+    ROWS.append(row)
     print(json.dumps(row), flush=True)
 
 
@@ -228,6 +233,10 @@ def main(argv=None) -> int:
     emit(dict(part="setup", warmup_s=round(time.monotonic() - t, 1)))
     for p in a.parts.split(","):
         PARTS[p](engine, a)
+    out = os.environ.get("OUT")
+    if out:                                           # the device runner's result folder
+        with open(os.path.join(out, "serve_latency.json"), "w") as f:
+            json.dump(ROWS, f, indent=1)
     return 0
 
 

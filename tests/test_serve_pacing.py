@@ -105,6 +105,20 @@ def test_cost_bound_is_an_upper_bound_of_costs_of_the_assumed_form():
     assert cb.bound(2048, 102_048) == pytest.approx(12 * 8 * 1.02048)
 
 
+def test_fit_recovers_costs_of_the_assumed_form_and_stays_non_negative():
+    import numpy as np
+    from zenjax.serve.pacing import fit_nonnegative
+    cb = CostBound()
+    for B, E in [(16, 100), (64, 900), (256, 400), (16, 3000)]:
+        cb.add(B, E, prefill_ms(B, E))
+    # identified (two sizes, two contexts): the fitted estimate is FIT_MARGIN x the true cost where that
+    # is below the sample-scaled bound, e.g. far from any sample
+    assert cb.bound(256, 50_000) == pytest.approx(FIT_MARGIN * prefill_ms(256, 50_000), rel=1e-9)
+    X = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    c = fit_nonnegative(X, np.array([3.0, 2.0, 1.0]))            # the unconstrained slope is -1
+    assert np.all(c >= 0) and c[1] == 0 and c[0] == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize("budget_ms", [20.0, 40.0])
 def test_running_stream_gaps_stay_within_budget_while_a_long_prompt_prefills(budget_ms):
     clock = Clock()
