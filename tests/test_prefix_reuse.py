@@ -146,3 +146,43 @@ def test_reuse_rule_compares_the_temperature_as_the_model_applies_it():
     assert reusable_prefix(held, far, bf16, sparse=False, min_tokens=256) == 0
     # the prefix must have been prefilled the way a cold run prefills it
     assert reusable_prefix(dataclasses.replace(held, sparse=True), ids, bf16, sparse=False, min_tokens=256) == 0
+
+
+def test_scheduler_reuses_through_the_real_engine():
+    """The server path: the scheduler picks the slot holding the document and the stream equals a cold
+    run's; a prompt that shares nothing gets the other slot and no reuse."""
+    import queue
+
+    from zenjax.serve.metrics import Metrics
+    from zenjax.serve.scheduler import Delta, Finished, Request, Scheduler
+    eng = make(max_batch=2)
+    metrics = Metrics()
+    sch = Scheduler(eng, max_queue=4, reuse_min=MIN, max_itl_ms=100, metrics=metrics)
+    greedy = SamplingParams(max_new_tokens=6, ignore_eos=True)
+
+    def serve(*prompts):
+        reqs = [Request(f"r{i}", p, greedy) for i, p in enumerate(prompts)]
+        for r in reqs:
+            sch.submit(r)
+        while not all(r.done for r in reqs):
+            sch.step()
+        out = []
+        for r in reqs:
+            evs = []
+            while True:
+                try:
+                    evs.append(r.events.get_nowait())
+                except queue.Empty:
+                    break
+            fin = evs[-1]
+            assert isinstance(fin, Finished), evs
+            out.append(([e.token_ids[0] for e in evs if isinstance(e, Delta)], fin.usage.reused_tokens, r.slot))
+        return out
+
+    serve(DOC + Q1)                                         # slot 0 holds the document
+    other = [(t + 7) % 300 for t in DOC[:30]]
+    (tokens, reused, slot), (_, reused_other, slot_other) = serve(DOC + Q2, other)
+    assert (reused, slot) == (len(DOC), 0) and (reused_other, slot_other) == (0, 1)
+    assert tokens == run(COLD, DOC + Q2, n=6, reuse=0)[0]
+    assert metrics.registry.get_sample_value("zenjax_reused_prompt_tokens_total") == len(DOC)
+    assert eng.stats()["reused_prompt_tokens"] == len(DOC)
