@@ -41,7 +41,9 @@ with the 32 ms left, one 256 piece if its bound (~8 ms) fits, then one decode st
 At 1M context where even one 256 piece takes longer than the budget, each iteration runs that one piece
 and one decode step: the gap is one smallest piece (the best the compiled buckets allow).
 Round-robin over prefilling prompts bounds a newly admitted prompt's wait by one piece per other
-prefilling prompt.
+prefilling prompt. Piece sizes now depend on timing; a dense prefill's result does not (only rounding
+changes), but a sparse one estimates its indices from each piece's last queries, so with sparse prefill
+on, the output of a long prompt varies within the sparse approximation with the pieces it was cut into.
 
 KV memory is reserved, not paged: the engine's cache holds max_batch x max_model_len tokens, and a
 request admitted to a slot owns max_model_len of them until it finishes. The handler rejects requests
