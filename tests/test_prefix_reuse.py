@@ -123,6 +123,13 @@ def test_different_prefix_is_never_reused():
     # below the minimum: no reuse either
     run(WARM, DOC + Q1)
     assert run(WARM, DOC[: MIN - 1] + Q2 + DOC[:20], reuse=MIN)[1] == 0
+    # a refused start (bad input) changes nothing, not even when the scheduler releases the slot after it
+    import pytest
+    run(WARM, DOC + Q1)
+    with pytest.raises(ValueError, match="prompt"):
+        WARM.start(0, [1] * 200, SamplingParams(), reuse_min=MIN)
+    WARM.release(0)
+    assert WARM.reusable(0, DOC + Q2, MIN) == len(DOC)
     # a failed or foreign write forgets the row: logits() overwrites slot 0
     run(WARM, DOC + Q1)
     WARM.logits(DOC[:20])

@@ -291,8 +291,11 @@ class Engine:
         return [got[s][0] for s in slots]
 
     def release(self, slot: int, keep: bool = True) -> None:
-        """Free the slot. keep: remember what its row holds for prefix reuse (False after a failure)."""
+        """Free the slot. keep: remember what its row holds for prefix reuse; False after a failure (or
+        on a free slot: forget what it held). Releasing a free slot with keep=True changes nothing."""
         seq = self._seqs.pop(slot, None)
+        if seq is None and keep:
+            return
         self._held.pop(slot, None)
         if seq is not None and keep and seq.reusable and seq.cached > 0:
             self._held[slot] = seq.held()

@@ -354,9 +354,9 @@ class Scheduler:
                     self.engine.start(slot, req.prompt_ids, req.params, reuse_min=self.reuse_min)
                 else:
                     self.engine.start(slot, req.prompt_ids, req.params)
-            except ValueError as e:
+            except ValueError as e:               # refused before touching the slot: what it holds stays
                 self._slots[slot] = None
-                self._release(slot, keep=False)
+                self._release(slot)
                 self._fail(req, "invalid_request", str(e))
                 continue
             except Exception as e:
@@ -374,8 +374,7 @@ class Scheduler:
         free = [s for s, r in enumerate(self._slots) if r is None]
         if self.reuse_min <= 0:
             return free[0]
-        best = max(free, key=lambda s: (self.engine.reusable(s, req.prompt_ids, self.reuse_min), -self._released[s]))
-        return best
+        return max(free, key=lambda s: (self.engine.reusable(s, req.prompt_ids, self.reuse_min), -self._released[s]))
 
     def _next_prefill_slot(self, peek: bool = False) -> int | None:
         n = self.max_batch
