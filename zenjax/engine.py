@@ -220,10 +220,10 @@ class Engine:
         seq = self._seqs[slot]
         start, end = seq.next_piece(max_tokens)
         sparse = seq.sparse
-        seq.reusable = False                   # until the step is done: a failure leaves the row unknown
+        was, seq.reusable = seq.reusable, False    # until the step is done: a failure leaves the row unknown
         logits = self.runner.prefill(slot, seq.prompt_ids, start, end, sparse=sparse)
         jax.block_until_ready(logits)          # so the caller's clock measures the piece (ITL budget)
-        seq.reusable = True
+        seq.reusable = was
         self._stats["sparse_prefill_tokens" if sparse else "dense_prefill_tokens"] += end - start
         seq.prefilled = end
         if end < seq.prompt_len:
