@@ -2,6 +2,8 @@
 so they cannot rot between GPU leases. Figures are not checked, only that every part produced rows."""
 import json
 
+import pytest
+
 from benchmarks import suite
 
 
@@ -22,3 +24,20 @@ def test_moe_fp8_smoke(tmp_path, monkeypatch):
     out = json.loads((tmp_path / "moe_fp8_moe_fp8.json").read_text())
     assert out["prefill"][0]["tokens"] == 64 and out["prefill"][0]["ttft_s"] > 0
     assert [r["batch"] for b in ("1", "2") for r in out["decode"][b]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_serve_latency_smoke(tmp_path, monkeypatch):
+    """~22 s on 2 CPU cores: every part runs on one engine; prefix reuse really reuses the document and
+    gives the cold run's greedy tokens."""
+    from benchmarks import serve_latency
+    monkeypatch.setenv("OUT", str(tmp_path))
+    serve_latency.ROWS.clear()
+    assert serve_latency.main(["--tiny", "--long", "300", "--stream-tokens", "8", "--reuse-min", "64"]) == 0
+    rows = json.loads((tmp_path / "serve_latency.json").read_text())
+    cases = [(r["part"], r.get("case")) for r in rows]
+    assert cases.count(("itl", "long_with_chat")) == 2 and ("server", "4_streams") in cases
+    reuse = next(r for r in rows if r["part"] == "reuse")
+    assert reuse["reused_tokens"] == reuse["document_tokens"] == 236 and reuse["greedy_equal_to_cold"] is True
+    four = next(r for r in rows if r.get("case") == "4_streams")
+    assert four["tokens"] == 4 * 8

@@ -7,7 +7,7 @@ import queue
 
 import pytest
 
-from serve_doubles import _Seq  # noqa: E402  (the shared sequence double)
+from serve_doubles import SlotQueries  # noqa: E402  (the shared sequence double and slot queries)
 from zenjax.config import EngineConfig
 from zenjax.sampling import SamplingParams
 from zenjax.serve.scheduler import (Delta, Failed, Finished, Progress, QueueFull, Request, Scheduler,
@@ -17,7 +17,7 @@ POISON = 666          # a prompt containing this id makes the double's prefill r
 BAD_START = 667       # ... makes start raise ValueError (as the engine does on a bad prompt)
 
 
-class ScriptedEngine:
+class ScriptedEngine(SlotQueries):
     """Same slot API as zenjax.engine.Engine; logs every call. Token t+1 follows t; the first token is
     the prompt length."""
 
@@ -28,20 +28,19 @@ class ScriptedEngine:
         self.seqs: dict[int, _Seq] = {}
         self.calls: list[tuple] = []
 
-    def start(self, slot, ids, params):
+    def start(self, slot, ids, params, reuse_min=0):
         assert slot not in self.seqs, f"slot {slot} reused before release"
         if BAD_START in ids:
             raise ValueError("prompt: bad id for this test")
         self.calls.append(("start", slot))
-        self.seqs[slot] = _Seq(ids, params)
-        return self.seqs[slot]
+        return self._start_seq(slot, ids, params, reuse_min)
 
-    def prefill_next(self, slot):
+    def prefill_next(self, slot, max_tokens=None):
         seq = self.seqs[slot]
-        self.calls.append(("prefill", slot))
+        self.calls.append(("prefill", slot) if max_tokens is None else ("prefill", slot, max_tokens))
         if POISON in seq.prompt_ids:
             raise RuntimeError("injected prefill failure")
-        seq.prefilled = min(seq.prefilled + self.engine_config.prefill_chunk, seq.prompt_len)
+        seq.prefilled = self.next_piece(slot, max_tokens)[1]
         return seq.prompt_len if seq.prefilled == seq.prompt_len else None
 
     def warmup(self):                             # the server's warm-up: nothing to compile here
@@ -63,9 +62,9 @@ class ScriptedEngine:
             out[s] = [seq.out[-1] + 1 + i for i in range(min(n, left))]
         return out
 
-    def release(self, slot):
+    def release(self, slot, keep=True):
         self.calls.append(("release", slot))
-        self.seqs.pop(slot, None)
+        self._release_seq(slot, keep)
 
 
 def _req(name, n_prompt, max_new=3):
@@ -198,11 +197,17 @@ def test_server_config_from_args():
     assert (c.port, c.max_batch, c.max_model_len, c.prefill_chunk, c.max_queue, c.metrics_port,
             c.grace_seconds, c.checkpoint) == (0, 8, 4096, 512, 3, 9100, 2.5, "/ckpt")
     assert c.host == "127.0.0.1"
+    c = config_from_args(["--max-itl-ms", "0", "--prefix-reuse-min", "0"])
+    assert (c.max_itl_ms, c.prefix_reuse_min) == (0.0, 0)
+    assert (ServerConfig().max_itl_ms, ServerConfig().prefix_reuse_min) == (100.0, 256)
 
 
 @pytest.mark.parametrize("argv,flag", [(["--max-batch", "0"], "--max-batch"), (["--port", "70000"], "--port"),
                                        (["--max-queue", "-1"], "--max-queue"),
-                                       (["--prefill-chunk", "0"], "--prefill-chunk")])
+                                       (["--prefill-chunk", "0"], "--prefill-chunk"),
+                                       (["--max-itl-ms", "-1"], "--max-itl-ms"),
+                                       (["--max-itl-ms", "inf"], "--max-itl-ms"),
+                                       (["--prefix-reuse-min", "-5"], "--prefix-reuse-min")])
 def test_server_config_rejects_bad_flag(argv, flag, capsys):
     from zenjax.serve.server import config_from_args
     with pytest.raises(SystemExit) as e:

@@ -358,9 +358,9 @@ def test_engine_sparse_just_over_threshold_and_counts():
     sp, dense = _engine(full), _engine(None)
     p = SamplingParams(max_new_tokens=4)
     assert sp.generate(ids[:41], p).token_ids == dense.generate(ids[:41], p).token_ids
-    assert sp.stats() == {"sparse_prefill_tokens": 41, "dense_prefill_tokens": 0}
+    assert sp.stats() == {"sparse_prefill_tokens": 41, "dense_prefill_tokens": 0, "reused_prompt_tokens": 0}
     sp.generate(ids[:40], p)
-    assert sp.stats() == {"sparse_prefill_tokens": 41, "dense_prefill_tokens": 40}
+    assert sp.stats() == {"sparse_prefill_tokens": 41, "dense_prefill_tokens": 40, "reused_prompt_tokens": 0}
     assert sp.generate(ids, p).token_ids == dense.generate(ids, p).token_ids           # pieces in chunk 3
     assert sp.trace_counts["prefill_sparse"] == 1 and "prefill_sparse" in sp.compiled_shapes()
     assert "prefill_sparse" not in dense.compiled_shapes()

@@ -3,20 +3,32 @@
 Data flow of one request (`engine.generate`, or the server's scheduler driving the same calls):
 
     prompt (text | ids | chat messages) --encode_prompt (prompt.py)--> ids
-    start(slot, ids, params)      host: a SequenceState (sequence.py: prefill plan, text stream);
-                                  device: the slot's sampler and decode rows (runner.py)
-    prefill_next(slot) x pieces   device: one jitted step per piece (<= prefill_chunk tokens, padded to the
-                                  smallest prefill bucket); after the last piece the first token is sampled
-                                  on the device and returned
+    start(slot, ids, params)      host: a SequenceState (sequence.py: prefill progress, text stream);
+                                  device: the slot's sampler and decode rows (runner.py). With reuse_min > 0
+                                  the prompt's leading tokens that the slot's cache still holds from its
+                                  previous sequence (prefix reuse, below) count as prefilled
+    prefill_next(slot[, max]) xN  device: one jitted step per piece (<= prefill_chunk and <= max tokens,
+                                  padded to the smallest prefill bucket; blocks until done, so the caller's
+                                  clock measures it); after the last piece the first token is sampled on the
+                                  device and returned
     decode_steps(slots, n)        device: ONE call of up to n decode steps for all slots, sampling and stop-id
-                                  / max_new_tokens checks on the device; host: seq.append(token) for each
-                                  token detokenizes and checks stop strings; a token past a finish is dropped
-    release(slot)                 the slot's cache rows are simply overwritten by the next request
+                                  / max_new_tokens checks on the device
+    append_token(slot, token)     host: detokenize, check stop strings; a token past a finish is dropped
+    release(slot)                 the row keeps its K/V; the engine remembers which tokens they belong to
+                                  (sequence.HeldPrefix) until the slot is started again
 
 Who does what: runner.Runner owns the device (weights, cache, jitted steps, compiled shapes);
 sequence.SequenceState the host bookkeeping of one sequence; prompt.encode_prompt the prompt checks;
 textstream.TextStream the text. The Engine only routes between them; the scheduler uses only the slot API
-(start, prefill_next, decode_steps / decode, release) and the sequence fields named in SequenceState.
+(start, prefill_next, decode_steps, append_token, release) and the queries slot_state (a frozen
+SlotView), next_piece, reusable and prefill_buckets; it never reads a SequenceState.
+
+Prefix reuse: a released slot's cache row still holds the K/V of its last sequence's prompt and fed-back
+tokens. `reusable(slot, ids, min_tokens)` says how many leading tokens of a new prompt can be taken from it
+(sequence.reusable_prefix states the rule: equal tokens, the same DCA temperature as applied, same
+sparse/dense prefill) and `start(..., reuse_min=...)` starts prefilling after them; the sampler state is
+fresh. stats()["reused_prompt_tokens"] counts them. Anything that writes a row outside a sequence
+(logits(), assume_prefilled, a failed step) forgets what the row held.
 
 Pieces never cross a DCA chunk boundary (multiples of s = chunk_size - local_size), so every prefill step
 sees queries of one DCA chunk (what the cuDNN DCA path relies on) at the cost of at most one extra step
@@ -44,7 +56,8 @@ from zenjax.config import DCAConfig, EngineConfig, ModelConfig, SparseConfig, en
 from zenjax.prompt import encode_prompt
 from zenjax.runner import CACHE_ALIGN, DECODE_BLOCK, Runner  # noqa: F401  (re-exported)
 from zenjax.sampling import SamplingParams, slot_values
-from zenjax.sequence import IdStream as _IdStream, SequenceState, prefill_plan, stop_ids_for, text_stream  # noqa: F401
+from zenjax.sequence import (HeldPrefix, IdStream as _IdStream, SequenceState, SlotView, prefill_plan,  # noqa: F401
+                             reusable_prefix, stop_ids_for, text_stream)
 from zenjax.sharding import make_mesh, sharding_for
 from zenjax.tokenizer import PromptError  # noqa: F401  (one error class for every bad prompt)
 
@@ -75,7 +88,7 @@ class Engine:
         self.config, self.engine_config, self.tokenizer = cfg, ec, tokenizer
         # sparse prefill (prompts longer than sparse.threshold); counts prompt tokens per kind for stats()
         self.sparse = sparse
-        self._stats = collections.Counter(sparse_prefill_tokens=0, dense_prefill_tokens=0)
+        self._stats = collections.Counter(sparse_prefill_tokens=0, dense_prefill_tokens=0, reused_prompt_tokens=0)
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.mesh = mesh if mesh is not None else make_mesh(1)
         self.max_batch = ec.max_batch
@@ -83,6 +96,12 @@ class Engine:
         self.cache_len, self.cache_bytes = self.runner.cache_len, self.runner.cache_bytes
         self.decode_block = self.runner.decode_block
         self._seqs: dict[int, SequenceState] = {}
+        self._held: dict[int, HeldPrefix] = {}          # released slots: what their cache rows hold
+        self._last_ids: tuple | None = None             # (prompt object, its int32 array): see _id_array
+        # m(L) as the model applies it (q and k are multiplied by m cast to their dtype, model.py): the
+        # values prefix reuse compares (sequence.reusable_prefix)
+        act = jnp.result_type(params["embed"].dtype, params["layers"]["0"]["bq"].dtype)
+        self._applied_temps = np.asarray(self.runner._temps_host).astype(act)
 
     @property
     def trace_counts(self):
@@ -97,7 +116,7 @@ class Engine:
         return self.runner.compiled_shapes()
 
     def stats(self) -> dict[str, int]:
-        """Counters since start: prompt tokens prefilled sparse and dense."""
+        """Counters since start: prompt tokens prefilled sparse and dense, and reused from a slot's cache."""
         return dict(self._stats)
 
     def prefills_sparse(self, prompt_len: int) -> bool:
@@ -124,7 +143,16 @@ class Engine:
         return encode_prompt(prompt, self.tokenizer, self.config.vocab_size, self.engine_config.max_model_len)
 
     # ---------------------------------------------------------------- slot API (the scheduler's)
-    def start(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams) -> SequenceState:
+    @property
+    def prefill_buckets(self) -> tuple[int, ...]:
+        """The compiled prefill step sizes (a piece of T tokens costs a step of the smallest bucket >= T)."""
+        return self.runner.buckets
+
+    def start(self, slot: int, prompt_ids: Sequence[int], params: SamplingParams, *,
+              reuse_min: int = 0) -> SequenceState:
+        """Start a sequence in a free slot and return the engine's state of it (library use and tests;
+        the scheduler reads slot_state). reuse_min > 0: take the K/V of the longest prefix (of at least
+        reuse_min tokens, `reusable`) that the slot's row still holds instead of prefilling it."""
         S = self.engine_config.max_model_len
         if not 0 <= slot < self.max_batch:
             raise ValueError(f"slot={slot} outside [0, {self.max_batch})")
@@ -135,35 +163,84 @@ class Engine:
         n = len(prompt_ids)
         max_new = min(params.max_new_tokens, S - n)
         stop_ids = stop_ids_for(params, self.eos_token_ids)
-        seq = SequenceState(slot, prompt_ids, params, plan=self.prefill_plan(n), max_new_tokens=max_new,
-                            stream=text_stream(self.tokenizer, params, stop_ids, max_new))
+        reused = self.reusable(slot, prompt_ids, reuse_min) if reuse_min > 0 else 0
+        self._held.pop(slot, None)                         # the new sequence overwrites the row from `reused` on
+        seq = SequenceState(slot, prompt_ids, params, chunk=self.engine_config.prefill_chunk,
+                            dca_chunk_len=self.config.dca.chunk_len if self.config.dca else None,
+                            max_new_tokens=max_new, stream=text_stream(self.tokenizer, params, stop_ids, max_new),
+                            reused=reused, sparse=self.prefills_sparse(n))
         # params.seed wins; an unseeded request draws a fresh seed
         values = slot_values(params, prompt_ids, self.config.vocab_size, int.from_bytes(os.urandom(4), "little"))
         self.runner.set_row(slot, values, token=0, pos=n, prompt_len=n, remaining=max_new, live=False,
                             stop_ids=stop_ids)
         self._seqs[slot] = seq
+        self._stats["reused_prompt_tokens"] += reused
         return seq
 
     def sequence(self, slot: int) -> SequenceState:
+        """The engine's own state of a slot's sequence (tests, benchmarks; the scheduler uses slot_state)."""
         return self._seqs[slot]
 
-    def prefill_next(self, slot: int) -> int | None:
-        """Run the next prefill piece of `slot`; after the last one, sample and return the first token."""
+    # ---------------------------------------------------------------- queries (the scheduler's view)
+    def slot_state(self, slot: int) -> SlotView:
+        return self._seqs[slot].view()
+
+    def next_piece(self, slot: int, max_tokens: int | None = None) -> tuple[int, int, int]:
+        """(start, end, bucket) of the piece prefill_next(slot, max_tokens) would run; bucket = the
+        compiled step size it pads to (what it costs)."""
+        start, end = self._seqs[slot].next_piece(max_tokens)
+        return start, end, next(b for b in self.runner.buckets if b >= end - start)
+
+    def reusable(self, slot: int, prompt_ids: Sequence[int], min_tokens: int) -> int:
+        """Leading tokens of prompt_ids whose K/V the free slot's row holds and a cold run would compute
+        the same (sequence.reusable_prefix); 0 if fewer than min_tokens or the slot holds nothing."""
+        held = self._held.get(slot)
+        if held is None or slot in self._seqs or min_tokens <= 0 or len(held.ids) < min_tokens:
+            return 0
+        head = min(min_tokens, len(prompt_ids))        # cheap rejection before converting a long prompt
+        if list(held.ids[:head]) != list(prompt_ids[:head]):
+            return 0
+        return reusable_prefix(held, self._id_array(prompt_ids), self._applied_temps,
+                               sparse=self.prefills_sparse(len(prompt_ids)), min_tokens=min_tokens)
+
+    def _id_array(self, prompt_ids) -> np.ndarray:
+        """prompt_ids as int32, converted once per prompt object: the scheduler asks `reusable` for every
+        free slot and `start` asks again (~70 ms per conversion of a 1M-token list)."""
+        if isinstance(prompt_ids, np.ndarray):
+            return prompt_ids.astype(np.int32, copy=False)
+        last = self._last_ids
+        if last is None or last[0] is not prompt_ids or len(last[1]) != len(prompt_ids):
+            last = self._last_ids = (prompt_ids, np.asarray(prompt_ids, np.int32))
+        return last[1]
+
+    # ---------------------------------------------------------------- slot API, continued
+    def prefill_next(self, slot: int, max_tokens: int | None = None) -> int | None:
+        """Run the next prefill piece of `slot` (<= max_tokens tokens if given) and wait for it; after the
+        last one, sample and return the first token."""
         seq = self._seqs[slot]
-        start, end = seq.next_piece()
-        sparse = self.prefills_sparse(seq.prompt_len)
+        start, end = seq.next_piece(max_tokens)
+        sparse = seq.sparse
+        was, seq.reusable = seq.reusable, False    # until the step is done: a failure leaves the row unknown
         logits = self.runner.prefill(slot, seq.prompt_ids, start, end, sparse=sparse)
+        jax.block_until_ready(logits)          # so the caller's clock measures the piece (ITL budget)
+        seq.reusable = was
         self._stats["sparse_prefill_tokens" if sparse else "dense_prefill_tokens"] += end - start
         seq.prefilled = end
         if end < seq.prompt_len:
             return None
         seq.last_token = self.runner.sample_first(slot, logits)
+        seq.fed.append(seq.last_token)
         return seq.last_token
+
+    def append_token(self, slot: int, token: int) -> tuple[str, str | None]:
+        """Record a generated token of `slot` on the host: (text delta, finish reason or None)."""
+        return self._seqs[slot].append(token)
 
     def assume_prefilled(self, slot: int, context: int, token: int = 1) -> None:
         """Benchmarks only: mark `slot` as if its prompt (`context` tokens) were prefilled and `token`
         sampled, without running the prefill (decode cost does not depend on the cache's values)."""
         seq = self._seqs[slot]
+        seq.reusable = False                   # the row does not hold this prompt's K/V
         seq.prefilled = seq.prompt_len = context
         seq.position, seq.last_token = context, int(token)
         self.runner.set_row(slot, slot_values(seq.params, seq.prompt_ids, self.config.vocab_size, slot), token=token,
@@ -197,6 +274,7 @@ class Engine:
             if toks:
                 seq.position += len(toks)
                 seq.last_token = toks[-1]
+                seq.fed.extend(toks)
             result[s] = toks
         return result
 
@@ -212,8 +290,15 @@ class Engine:
             raise ValueError(f"slots {done} are finished (stop token or max_new_tokens reached)")
         return [got[s][0] for s in slots]
 
-    def release(self, slot: int) -> None:
-        self._seqs.pop(slot, None)
+    def release(self, slot: int, keep: bool = True) -> None:
+        """Free the slot. keep: remember what its row holds for prefix reuse; False after a failure (or
+        on a free slot: forget what it held). Releasing a free slot with keep=True changes nothing."""
+        seq = self._seqs.pop(slot, None)
+        if seq is None and keep:
+            return
+        self._held.pop(slot, None)
+        if seq is not None and keep and seq.reusable and seq.cached > 0:
+            self._held[slot] = seq.held()
 
     def warmup(self, slot: int = 0) -> None:
         """Compile every step a request can use (one prompt per prefill bucket, then a decode call), so
@@ -227,7 +312,7 @@ class Engine:
                     pass
                 self.decode([slot])
             finally:
-                self.release(slot)
+                self.release(slot, keep=False)
 
     # ---------------------------------------------------------------- high level
     def logits(self, ids: Sequence[int], slot: int = 0) -> np.ndarray:
@@ -235,6 +320,7 @@ class Engine:
         ids = self.encode_prompt(list(ids))
         if slot in self._seqs:
             raise ValueError(f"slot={slot} is in use")
+        self._held.pop(slot, None)             # this overwrites the row outside a sequence
         return np.concatenate([self.runner.prefill_all_logits(slot, ids, start, end)
                                for start, end in self.prefill_plan(len(ids))], axis=0)
 

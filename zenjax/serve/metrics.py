@@ -11,6 +11,7 @@ one process (tests) do not collide; `start_http(port)` exposes it on 127.0.0.1 o
     zenjax_inter_token_latency_seconds histogram, between consecutive tokens of one request
     zenjax_prefill_tokens_per_second   throughput of the last prefill chunk
     zenjax_prefill_tokens_total        counter
+    zenjax_reused_prompt_tokens_total  prompt tokens taken from a slot's cache instead of prefilled (prefix reuse)
     zenjax_generated_tokens_total      counter
     zenjax_requests_total{reason,status}  finished requests (reason: stop|length|cancelled|error|rejected;
                                        status: OK, CANCELLED, DEADLINE_EXCEEDED, INVALID_REQUEST, QUEUE_FULL,
@@ -47,6 +48,9 @@ class Metrics:
         self.prefill_tps = Gauge("zenjax_prefill_tokens_per_second",
                                  "Prompt tokens per second of the last prefill chunk", registry=r)
         self.prefill_tokens = Counter("zenjax_prefill_tokens", "Prompt tokens prefilled", registry=r)
+        self.reused_tokens = Counter("zenjax_reused_prompt_tokens",
+                                     "Prompt tokens whose KV cache was reused from a slot's previous sequence",
+                                     registry=r)
         self.generated_tokens = Counter("zenjax_generated_tokens", "Tokens generated", registry=r)
         self.requests = Counter("zenjax_requests", "Finished requests", ["reason", "status"], registry=r)
         self.malformed = Counter("zenjax_malformed_requests", "Requests whose body is not a valid message",
@@ -58,6 +62,9 @@ class Metrics:
         self.prefill_tokens.inc(tokens)
         if seconds > 0:
             self.prefill_tps.set(tokens / seconds)
+
+    def reused(self, tokens: int) -> None:
+        self.reused_tokens.inc(tokens)
 
     def ttft(self, seconds: float) -> None:
         self.ttft_hist.observe(seconds)

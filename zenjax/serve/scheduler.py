@@ -7,31 +7,53 @@ zenjax/serve/service.py; the scheduler thread on the right):
                                                           |
     scheduler loop, one iteration:                        v
       1. reap     cancelled requests: waiting ones are dropped, running ones released (slot freed)
-      2. admit    waiting -> free slots, FIFO: engine.start(slot, ids, params)
-      3. prefill  ONE chunk of ONE prefilling slot, round-robin over the prefilling slots
-                  -> Progress event; after the last chunk the first token -> Delta event
+      2. admit    waiting -> free slots, FIFO: engine.start(slot, ids, params[, reuse_min]); with prefix
+                  reuse on, the free slot whose cache holds the longest reusable prefix of the prompt
+                  (engine.reusable), else the one released longest ago (its content is the least likely
+                  to be asked for again)
+      3. prefill  pieces of the prefilling slots, round-robin: ONE full-size piece when no stream decodes
+                  (or max_itl_ms = 0), else as many pieces as fit the inter-token budget (below)
+                  -> Progress event per piece; after a prompt's last piece its first token -> Delta event
       4. decode   ONE device call of n steps for every slot past prefill -> one Delta per token; a
                   finished sequence gets its Finished event and its slot is released (tokens the call made
-                  past a stop string are dropped). n = 1 while a prompt is prefilling or a request waits
-                  for a slot, else engine.decode_block (16): see `_decode_steps`
+                  past a stop string are dropped). n: see `_decode_steps`
     handler: reads its Request.events queue and turns each event into its protocol's message.
 
-Why round-robin and one chunk per iteration: a decode step costs about as much as a tiny prefill, a
-prefill chunk much more. Running one chunk and then one decode step bounds every running sequence's
-inter-token gap by one chunk, and round-robin bounds a newly admitted prompt's wait by one chunk per
-other prefilling prompt. Worked example, prefill_chunk = 512: a 1M-token prompt (2048 chunks) is being
-prefilled in slot 0 when a 100-token chat arrives in slot 1. Iteration i: chunk i of slot 0, iteration
-i+1: the chat's single chunk -> its first token; from then on every iteration is one chunk of slot 0
-plus one decode step of the chat. The chat finishes long before the 1M prompt's first token, and the 1M
-prompt is slowed by one decode step per chunk (small next to a 512-token chunk).
+The inter-token budget (max_itl_ms, default 100 in ServerConfig; 0 = unbounded). A running stream gets
+the tokens of one decode call at once, so the gap it sees between tokens is the time from one decode
+call to the next: this iteration's prefill work plus the decode call. A prefill piece's cost grows with
+its size and with the context it attends to (a 8192-token piece takes 150-500 ms at 128K on an H200 and
+seconds at 1M), so pieces are sized, not fixed:
+    left = budget - bound(decode call of 1 step)        (no prefill until one decode call was measured)
+    while a prompt prefills: take the largest compiled bucket whose piece has bound <= left (the first
+        piece of an iteration runs even if none fits: the smallest bucket, so a long prompt never
+        starves); left -= its measured time
+    decode: n = 1 while a prompt prefills (the largest share of time for prefill: the long prompt's TTFT
+        stays close to prefill alone); otherwise the largest n <= engine.decode_block whose bound fits
+        the budget (decode blocks are streams' gaps too)
+`bound` is pacing.CostBound: an upper bound on a step's time from recent measured ones (host wall clock
+of the call; the engine waits for each piece), valid for any cost c0 + size * (a + b * context) with
+non-negative coefficients, so nothing needs to be fitted or configured. When no stream decodes, a
+prompt prefills at full speed (one largest piece per iteration, as with the budget off).
+Worked example, budget 100 ms, decode step 8 ms, a 128K prompt prefilling while a chat decodes: at
+context 64K a 2048-token piece measured 60 ms, so each iteration runs one 2048 piece (2 x 60 > 92) and,
+with the 32 ms left, one 256 piece if its bound (~8 ms) fits, then one decode step: a token every ~100 ms.
+At 1M context where even one 256 piece takes longer than the budget, each iteration runs that one piece
+and one decode step: the gap is one smallest piece (the best the compiled buckets allow).
+Round-robin over prefilling prompts bounds a newly admitted prompt's wait by one piece per other
+prefilling prompt. Piece sizes now depend on timing; a dense prefill's result does not (only rounding
+changes), but a sparse one estimates its indices from each piece's last queries, so with sparse prefill
+on, the output of a long prompt varies within the sparse approximation with the pieces it was cut into.
 
 KV memory is reserved, not paged: the engine's cache holds max_batch x max_model_len tokens, and a
 request admitted to a slot owns max_model_len of them until it finishes. The handler rejects requests
 with prompt + max_new_tokens > max_model_len before they are queued, so an admitted request can never
 run out of cache mid-generation.
 
-The engine is not thread-safe, so only this thread calls its slot API (start, prefill_next, decode,
-release). Handlers talk to it through `submit` / `Request.cancel` (a lock + condition variable) and
+The engine is not thread-safe, so only this thread calls it. The scheduler uses the engine's slot API
+(start, prefill_next, decode_steps, append_token, release) and its queries (slot_state -> a frozen
+SlotView, next_piece, reusable, prefill_buckets, decode_block); it never reads the engine's sequence
+objects. Handlers talk to it through `submit` / `Request.cancel` (a lock + condition variable) and
 read results from per-request queues. An exception raised for one request fails that request only.
 """
 from __future__ import annotations
@@ -47,6 +69,7 @@ from typing import Callable, Sequence
 
 from zenjax.sampling import SamplingParams
 from zenjax.serve.errors import QueueFull, Unavailable
+from zenjax.serve.pacing import CostBound
 
 __all__ = ["Delta", "Failed", "Finished", "Progress", "QueueFull", "Request", "Scheduler", "ShuttingDown",
            "Usage"]
@@ -74,6 +97,7 @@ class Usage:
     ttft_s: float
     queue_s: float
     total_s: float
+    reused_tokens: int = 0     # prompt tokens whose K/V came from the slot's previous sequence (prefix reuse)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +140,8 @@ class Request:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.generated = 0
+        self.reused = 0                       # prompt tokens taken from the slot's cache (prefix reuse)
         self.slot: int | None = None
-        self.seq = None                       # the engine's SequenceState while in a slot
         self.done = False
         self._cancel_reason: str | None = None  # "client" | "deadline" | "shutdown"
         self._scheduler: Scheduler | None = None
@@ -141,8 +165,22 @@ class Scheduler:
     """Owns the engine's slot API; see the module docstring for the loop."""
 
     def __init__(self, engine, *, max_queue: int, metrics=None,
-                 on_finish: Callable[[Request, str, str], None] | None = None):
+                 on_finish: Callable[[Request, str, str], None] | None = None, max_itl_ms: float = 0.0,
+                 reuse_min: int = 0, clock: Callable[[], float] = time.monotonic):
+        """max_itl_ms: inter-token budget of running streams (0 = unbounded: one piece per iteration);
+        reuse_min: prefix reuse of at least this many tokens (0 = off); clock: measures step times
+        (tests inject a scripted one). The server's defaults are ServerConfig's."""
+        if max_itl_ms < 0 or reuse_min < 0:
+            raise ValueError(f"max_itl_ms={max_itl_ms} and reuse_min={reuse_min} must be >= 0")
         self.engine = engine
+        self.max_itl_s = max_itl_ms / 1000.0
+        self.reuse_min = int(reuse_min)
+        self.clock = clock
+        # (bucket, end position) -> seconds, for dense and for sparse pieces (different costs)
+        self.prefill_cost = {False: CostBound(), True: CostBound()}
+        self.decode_cost = CostBound()       # (steps, tokens cached in the decoding slots) -> seconds
+        self._released = [0] * int(engine.max_batch)   # release order of each slot (LRU choice)
+        self._release_count = 0
         self.max_batch = int(engine.max_batch)
         self.max_model_len = int(engine.engine_config.max_model_len)
         self.max_queue = max_queue
@@ -236,20 +274,59 @@ class Scheduler:
                 self._end(s, "cancelled")
 
     def step(self) -> None:
-        """One iteration: reap, admit, one prefill chunk, one decode step."""
+        """One iteration: reap, admit, prefill work (module docstring), one decode call."""
         self._reap()
         self._admit()
-        worked = False
-        slot = self._next_prefill_slot()
-        if slot is not None:
-            self._prefill(slot)
-            worked = True
-        decoding = [s for s, r in enumerate(self._slots) if r is not None and r.decoding]
+        worked = self._prefill_work()
+        decoding = self._decoding()
         if decoding:
             self._decode(decoding)
             worked = True
         self.steps += worked
         self._gauges()
+
+    def _decoding(self) -> list[int]:
+        return [s for s, r in enumerate(self._slots) if r is not None and r.decoding]
+
+    def _prefill_work(self) -> bool:
+        """Step 3 of the loop; True if a piece ran."""
+        decoding = self._decoding()
+        if self.max_itl_s <= 0 or not decoding:
+            slot = self._next_prefill_slot()
+            if slot is None:
+                return False
+            self._prefill(slot, None)
+            return True
+        if not len(self.decode_cost):
+            return False                     # no decode call measured yet: this iteration's call measures one
+        left = self.max_itl_s - self.decode_cost.bound(1, self._decode_context(decoding))
+        ran = 0
+        while True:
+            slot = self._next_prefill_slot(peek=True)
+            if slot is None:
+                break
+            size = self._piece_size(slot, left, first=ran == 0)
+            if size is None:
+                break
+            self._rr = slot
+            left -= self._prefill(slot, size)
+            ran += 1
+        return ran > 0
+
+    def _piece_size(self, slot: int, left: float, first: bool) -> int | None:
+        """The largest prefill bucket whose piece of `slot` is bounded within `left` seconds; the smallest
+        one for the iteration's first piece when none is (progress); None: stop prefilling."""
+        buckets = sorted(self.engine.prefill_buckets)
+        cost = self.prefill_cost[self.engine.slot_state(slot).sparse]
+        for b in reversed(buckets):
+            _, end, bucket = self.engine.next_piece(slot, b)
+            bound = cost.bound(bucket, end)
+            if bound is not None and bound <= left:
+                return b
+        return buckets[0] if first else None
+
+    def _decode_context(self, slots: list[int]) -> int:
+        return sum(self.engine.slot_state(s).cached for s in slots)
 
     def _reap(self) -> None:
         with self._cond:
@@ -268,68 +345,111 @@ class Scheduler:
                 if not self._waiting or None not in self._slots:
                     return
                 req = self._waiting.popleft()
-                slot = self._slots.index(None)
+            slot = self._pick_slot(req)           # only this thread changes _slots: no lock needed to read
+            with self._cond:
                 self._slots[slot] = req
             req.slot, req.t_admitted = slot, time.monotonic()
             try:
-                req.seq = self.engine.start(slot, req.prompt_ids, req.params)
-            except ValueError as e:
+                if self.reuse_min > 0:
+                    self.engine.start(slot, req.prompt_ids, req.params, reuse_min=self.reuse_min)
+                else:
+                    self.engine.start(slot, req.prompt_ids, req.params)
+            except ValueError as e:               # refused before touching the slot: what it holds stays
                 self._slots[slot] = None
                 self._release(slot)
                 self._fail(req, "invalid_request", str(e))
+                continue
             except Exception as e:
                 self._slots[slot] = None
-                self._release(slot)
+                self._release(slot, keep=False)
                 self._fail_internal(req, "start", e)
+                continue
+            req.reused = self.engine.slot_state(slot).reused
+            if req.reused and self.metrics is not None:
+                self.metrics.reused(req.reused)
 
-    def _next_prefill_slot(self) -> int | None:
+    def _pick_slot(self, req: Request) -> int:
+        """A free slot for req: the first one, or with prefix reuse on the one
+        holding the longest reusable prefix, else the least recently released."""
+        free = [s for s, r in enumerate(self._slots) if r is None]
+        if self.reuse_min <= 0:
+            return free[0]
+        return max(free, key=lambda s: (self.engine.reusable(s, req.prompt_ids, self.reuse_min), -self._released[s]))
+
+    def _next_prefill_slot(self, peek: bool = False) -> int | None:
         n = self.max_batch
         for k in range(1, n + 1):
             s = (self._rr + k) % n
             req = self._slots[s]
             if req is not None and not req.decoding:
-                self._rr = s
+                if not peek:
+                    self._rr = s
                 return s
         return None
 
-    def _prefill(self, slot: int) -> None:
+    def _prefill(self, slot: int, max_tokens: int | None) -> float:
+        """One piece of `slot` (<= max_tokens); returns its measured seconds."""
         req = self._slots[slot]
-        before = req.seq.prefilled
-        t0 = time.monotonic()
+        view = self.engine.slot_state(slot)
+        before = view.prefilled
+        cost = self.prefill_cost[view.sparse]
+        _, end, bucket = self.engine.next_piece(slot, max_tokens)
+        t0 = self.clock()
         try:
-            token = self.engine.prefill_next(slot)
+            token = (self.engine.prefill_next(slot) if max_tokens is None
+                     else self.engine.prefill_next(slot, max_tokens))
         except Exception as e:
             self._abort(slot, "prefill", e)
-            return
-        dt = time.monotonic() - t0
+            return self.clock() - t0
+        dt = self.clock() - t0
+        cost.add(bucket, end, dt)
+        view = self.engine.slot_state(slot)
         if self.metrics is not None:
-            self.metrics.prefill(req.seq.prefilled - before, dt)
-        req.events.put(Progress(req.seq.prefilled, req.seq.prompt_len))
+            self.metrics.prefill(view.prefilled - before, dt)
+        req.events.put(Progress(view.prefilled, view.prompt_len))
         if token is not None:
             req.t_first = time.monotonic()
             if self.metrics is not None:
                 self.metrics.ttft(req.t_first - req.t_arrival)
             self._emit(slot, token)
+        return dt
 
-    def _decode_steps(self) -> int:
-        """Decode steps in this iteration's one device call. Bound: a cancellation, an admission or the
-        next prefill chunk waits at most one iteration, i.e. one prefill chunk + n decode steps. n = 1 while
-        a prompt is prefilling or a request is waiting (the interleaving described above, unchanged);
-        otherwise engine.decode_block steps (16: ~180 ms at 11 ms/step, ~70 ms at 4.5 ms/step) and the
-        device checks stop ids and max_new_tokens itself, so a finished slot wastes no steps."""
-        with self._cond:
-            waiting = bool(self._waiting)
-        busy = waiting or any(r is not None and not r.decoding for r in self._slots)
-        return 1 if busy else int(getattr(self.engine, "decode_block", 1))
+    def _decode_steps(self, slots: list[int]) -> int:
+        """Decode steps in this iteration's one device call.
+
+        Budget off (max_itl_ms = 0): n = 1 while a prompt is prefilling or a request is waiting (a
+        cancellation, an admission or the next prefill piece waits at most one piece + one step), else
+        engine.decode_block (16: ~180 ms at 11 ms/step, ~70 ms at 4.5 ms/step).
+        Budget on: n = 1 while a prompt is prefilling; otherwise the largest n <= decode_block whose
+        bound fits the budget (1 before any decode call was measured).
+        Either way the device checks stop ids and max_new_tokens itself, so a finished slot wastes no steps."""
+        block = int(getattr(self.engine, "decode_block", 1))
+        prefilling = any(r is not None and not r.decoding for r in self._slots)
+        if self.max_itl_s <= 0:
+            with self._cond:
+                waiting = bool(self._waiting)
+            return 1 if (waiting or prefilling) else block
+        if prefilling:
+            return 1
+        context = self._decode_context(slots)
+        for n in range(block, 1, -1):
+            bound = self.decode_cost.bound(n, context)
+            if bound is not None and bound <= self.max_itl_s:
+                return n
+        return 1
 
     def _decode(self, slots: list[int]) -> None:
+        n = self._decode_steps(slots)
+        context = self._decode_context(slots)
+        t0 = self.clock()
         try:
-            tokens = self.engine.decode_steps(slots, self._decode_steps())
+            tokens = self.engine.decode_steps(slots, n)
         except Exception as e:
             # a failed batched step cannot be pinned on one sequence: fail the ones in this step
             for s in slots:
                 self._abort(s, "decode", e)
             return
+        self.decode_cost.add(n, context, self.clock() - t0)
         for s in slots:
             for token in tokens.get(s, ()):
                 if self._slots[s] is None:       # finished (or failed) at an earlier token of this call
@@ -339,7 +459,7 @@ class Scheduler:
     def _emit(self, slot: int, token: int) -> None:
         req = self._slots[slot]
         try:
-            text, reason = req.seq.append(int(token))
+            text, reason = self.engine.append_token(slot, int(token))
         except Exception as e:
             self._abort(slot, "detokenize", e)
             return
@@ -358,7 +478,7 @@ class Scheduler:
         admitted = req.t_admitted if req.t_admitted is not None else now
         return Usage(prompt_tokens=len(req.prompt_ids), generated_tokens=req.generated,
                      ttft_s=(req.t_first - req.t_arrival) if req.t_first is not None else 0.0,
-                     queue_s=admitted - req.t_arrival, total_s=now - req.t_arrival)
+                     queue_s=admitted - req.t_arrival, total_s=now - req.t_arrival, reused_tokens=req.reused)
 
     def _end(self, slot: int, reason: str) -> None:
         """Normal end (stop/length) or cancellation of a running request: event, release, log."""
@@ -379,7 +499,7 @@ class Scheduler:
         if req is None:
             return
         self._slots[slot] = None
-        self._release(slot)
+        self._release(slot, keep=False)          # the row's content is unknown after a failed step
         self._fail_internal(req, where, exc)
 
     def _fail_internal(self, req: Request, where: str, exc: Exception) -> None:
@@ -401,9 +521,14 @@ class Scheduler:
             except Exception:
                 log.error("on_finish hook failed:\n%s", traceback.format_exc())
 
-    def _release(self, slot: int) -> None:
+    def _release(self, slot: int, keep: bool = True) -> None:
+        self._release_count += 1
+        self._released[slot] = self._release_count
         try:
-            self.engine.release(slot)
+            if keep:
+                self.engine.release(slot)
+            else:
+                self.engine.release(slot, keep=False)
         except Exception:
             log.error("engine.release(%d) failed:\n%s", slot, traceback.format_exc())
 
@@ -412,7 +537,12 @@ class Scheduler:
             return
         with self._cond:
             waiting = len(self._waiting)
-            running = [r for r in self._slots if r is not None]
-        used = sum((r.seq.prefilled + r.generated) if r.seq is not None else 0 for r in running)
+            running = [s for s, r in enumerate(self._slots) if r is not None]
+        used = 0
+        for s in running:
+            try:
+                used += self.engine.slot_state(s).cached
+            except KeyError:                  # between the slot's claim and engine.start
+                pass
         self.metrics.gauges(waiting=waiting, running=len(running), reserved_slots=len(running),
                             used_tokens=used, max_batch=self.max_batch, max_model_len=self.max_model_len)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import threading
@@ -65,6 +66,8 @@ class ServerConfig:
     tls_key: str | None = None
     api_key: str | None = None        # required as "authorization: Bearer KEY" (gRPC metadata / HTTP header)
     allow_special_tokens_in_content: bool = False   # chat content may spell control tokens (<|im_start|>...)
+    max_itl_ms: float = 100.0         # inter-token budget of running streams during prefills; 0: unbounded
+    prefix_reuse_min: int = 256       # reuse a free slot's cached prefix of >= this many tokens; 0: off
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,6 +116,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--allow-special-tokens-in-content", action="store_true",
                     help="let chat message content spell control tokens such as <|im_start|> (default: "
                          "such text stays plain text, so a user cannot forge a system turn)")
+    ap.add_argument("--max-itl-ms", type=float, default=d.max_itl_ms,
+                    help="bound on the gap between tokens of running streams while other prompts prefill: "
+                         "prefill work is cut into pieces that fit it (0: unbounded, one full piece per "
+                         "decode step; default %(default)s)")
+    ap.add_argument("--prefix-reuse-min", type=int, default=d.prefix_reuse_min,
+                    help="a prompt whose first N >= this many tokens equal what a free slot's KV cache still "
+                         "holds prefills only the rest (0: off; default %(default)s)")
     return ap
 
 
@@ -129,6 +139,8 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--max-queue", a.max_queue >= 0, "must be >= 0"),
               ("--metrics-port", 0 <= a.metrics_port <= 65535, "must be in [0, 65535]"),
               ("--grace-seconds", a.grace_seconds >= 0, "must be >= 0"),
+              ("--max-itl-ms", math.isfinite(a.max_itl_ms) and a.max_itl_ms >= 0, "must be finite, >= 0 (0: off)"),
+              ("--prefix-reuse-min", a.prefix_reuse_min >= 0, "must be >= 0 (0: off)"),
               ("--tls-cert", (a.tls_cert is None) == (a.tls_key is None), "and --tls-key go together"),
               ("--tls-cert", a.tls_cert is None or os.path.isfile(a.tls_cert), "is not a file"),
               ("--tls-key", a.tls_key is None or os.path.isfile(a.tls_key), "is not a file"),
@@ -152,7 +164,8 @@ def config_from_args(argv=None) -> ServerConfig:
                         attention=a.attention, grace_seconds=a.grace_seconds, log_level=a.log_level, dca=a.dca,
                         cache_dtype=a.cache_dtype, sparse=a.sparse, served_model_name=a.served_model_name,
                         reflection=not a.no_reflection, tls_cert=a.tls_cert, tls_key=a.tls_key, api_key=api_key,
-                        allow_special_tokens_in_content=a.allow_special_tokens_in_content)
+                        allow_special_tokens_in_content=a.allow_special_tokens_in_content,
+                        max_itl_ms=a.max_itl_ms, prefix_reuse_min=a.prefix_reuse_min)
 
 
 def parse_dca(text: str):
@@ -252,7 +265,7 @@ class Service:
         self.load_s, self.warmup_s = round(t1 - t0, 3), round(t2 - t1, 3)
         self.limits = limits_for(int(self.engine.engine_config.max_model_len))
         self.scheduler = Scheduler(self.engine, max_queue=c.max_queue, metrics=self.metrics,
-                                   on_finish=_log_request)
+                                   on_finish=_log_request, max_itl_ms=c.max_itl_ms, reuse_min=c.prefix_reuse_min)
         self.scheduler.start()
         self.ready.set()
 
@@ -437,8 +450,8 @@ def default_max_model_len(config: ServerConfig) -> int:
 def _log_request(req: Request, reason: str, status: str) -> None:
     now = time.monotonic()
     fields = dict(request_id=req.id, status=status, finish_reason=reason, prompt_tokens=len(req.prompt_ids),
-                  generated_tokens=req.generated, queue_s=None, ttft_s=None, tokens_per_s=None,
-                  total_s=round(now - req.t_arrival, 4))
+                  generated_tokens=req.generated, reused_tokens=req.reused, queue_s=None, ttft_s=None,
+                  tokens_per_s=None, total_s=round(now - req.t_arrival, 4))
     if req.t_admitted is not None:
         fields["queue_s"] = round(req.t_admitted - req.t_arrival, 4)
     if req.t_first is not None:

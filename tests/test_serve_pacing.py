@@ -1,0 +1,250 @@
+"""The inter-token budget (--max-itl-ms) and prefix-reuse slot choice of the scheduler, on a scripted
+engine whose steps advance a fake clock by a scripted cost: no wall-clock dependence, every time below
+is exact arithmetic on the script.
+
+Scripted costs (ms), of the form pacing.CostBound assumes (c0 + size * (a + b * context)):
+    prefill piece padded to bucket B, ending at position E:  2 + B * (0.05 + 1e-5 * E)
+    decode call of n steps over slots caching C tokens:      1 + n * (0.5 + 1e-4 * C)
+Buckets 16 / 64 / 256 (prefill_chunk 256). At E = 4000 a 256-token piece costs 25 ms, a 64-token one
+7.8 ms: with a 20 ms budget the scheduler must switch from 256- to 64-token pieces as the context grows.
+"""
+from __future__ import annotations
+
+import pytest
+
+from serve_doubles import SlotQueries
+from zenjax.config import EngineConfig
+from zenjax.sampling import SamplingParams
+from zenjax.serve.metrics import Metrics
+from zenjax.serve.pacing import FIT_MARGIN, CostBound
+from zenjax.serve.scheduler import Finished, Request, Scheduler
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def prefill_ms(bucket, end):
+    return 2 + bucket * (0.05 + 1e-5 * end)
+
+
+def decode_ms(n, cached):
+    return 1 + n * (0.5 + 1e-4 * cached)
+
+
+class CostEngine(SlotQueries):
+    """Slot API double: each call advances `clock` by its scripted cost; logs (kind, start, end, bucket,
+    clock after) for prefill pieces and (kind, slots, n, clock after) for decode calls."""
+
+    prefill_buckets = (16, 64, 256)
+    decode_block = 16
+
+    def __init__(self, clock, max_batch=2):
+        self.max_batch, self.clock = max_batch, clock
+        self.engine_config = EngineConfig(max_model_len=100_000, prefill_chunk=256, max_batch=max_batch)
+        self.seqs, self.log = {}, []
+
+    def start(self, slot, ids, params, reuse_min=0):
+        return self._start_seq(slot, ids, params, reuse_min)
+
+    def prefill_next(self, slot, max_tokens=None):
+        q = self.seqs[slot]
+        start, end, bucket = self.next_piece(slot, max_tokens)
+        self.clock.t += prefill_ms(bucket, end) / 1000
+        q.prefilled = end
+        self.log.append(("prefill", slot, start, end, bucket, self.clock.t))
+        return q.prompt_len if end == q.prompt_len else None
+
+    def decode_steps(self, slots, n):
+        cached = sum(self.slot_state(s).cached for s in slots)
+        self.clock.t += decode_ms(n, cached) / 1000
+        out = {}
+        for s in slots:
+            q = self.seqs[s]
+            out[s] = [q.out[-1] + 1 + i for i in range(min(n, q.params.max_new_tokens - len(q.out)))]
+        self.log.append(("decode", tuple(slots), n, self.clock.t))
+        return out
+
+    def release(self, slot, keep=True):
+        self._release_seq(slot, keep)
+
+
+def _req(name, n, max_new):
+    return Request(name, list(range(1, n + 1)), SamplingParams(max_new_tokens=max_new))
+
+
+def _run(sch, until, limit=10_000):
+    for _ in range(limit):
+        if until():
+            return
+        sch.step()
+    raise AssertionError("did not finish")
+
+
+def _token_times(eng, slot, prompt_len):
+    """Clock times at which `slot` received tokens: its last prefill piece, then each decode call."""
+    times = [e[5] for e in eng.log if e[0] == "prefill" and e[1] == slot and e[3] == prompt_len]
+    times += [e[3] for e in eng.log if e[0] == "decode" and slot in e[1]]
+    return times
+
+
+def test_cost_bound_is_an_upper_bound_of_costs_of_the_assumed_form():
+    cb = CostBound()
+    assert cb.bound(64, 100) is None
+    cb.add(64, 1000, prefill_ms(64, 1000))
+    for B, E in [(16, 10), (64, 1000), (64, 5000), (256, 1200), (256, 90_000)]:
+        assert prefill_ms(B, E) <= cb.bound(B, E) + 1e-12, (B, E)
+    assert cb.bound(64, 1000) == prefill_ms(64, 1000)          # the sample itself: exact
+    # worked example of zenjax/serve/pacing.py
+    cb = CostBound()
+    cb.add(256, 100_000, 12.0)
+    assert cb.bound(2048, 102_048) == pytest.approx(12 * 8 * 1.02048)
+
+
+def test_fit_recovers_costs_of_the_assumed_form_and_stays_non_negative():
+    import numpy as np
+    from zenjax.serve.pacing import fit_nonnegative
+    cb = CostBound()
+    for B, E in [(16, 100), (64, 900), (256, 400), (16, 3000)]:
+        cb.add(B, E, prefill_ms(B, E))
+    # identified (two sizes, two contexts): the fitted estimate is FIT_MARGIN x the true cost where that
+    # is below the sample-scaled bound, e.g. far from any sample
+    assert cb.bound(256, 50_000) == pytest.approx(FIT_MARGIN * prefill_ms(256, 50_000), rel=1e-9)
+    X = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
+    c = fit_nonnegative(X, np.array([3.0, 2.0, 1.0]))            # the unconstrained slope is -1
+    assert np.all(c >= 0) and c[1] == 0 and c[0] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("budget_ms", [20.0, 40.0])
+def test_running_stream_gaps_stay_within_budget_while_a_long_prompt_prefills(budget_ms):
+    clock = Clock()
+    eng = CostEngine(clock)
+    sch = Scheduler(eng, max_queue=4, max_itl_ms=budget_ms, clock=clock)
+    long, chat = _req("long", 4000, 2), _req("chat", 10, 200)
+    sch.submit(long)
+    sch.step()
+    sch.step()
+    sch.submit(chat)
+    _run(sch, lambda: long.done)
+    times = _token_times(eng, 1, 10)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    # (a) every gap of the chat's stream while the long prompt prefilled: within the budget (exact: the
+    # script's costs have the form CostBound assumes, so its bounds are upper bounds)
+    long_done = next(e[5] for e in eng.log if e[0] == "prefill" and e[3] == 4000)
+    during = [g for g, t in zip(gaps, times[1:]) if t <= long_done]
+    assert len(during) >= 5 and max(during) <= budget_ms / 1000 + 1e-12, (max(during), budget_ms)
+    # ... and the sizing is real: pieces shrink to smaller buckets as the context grows
+    buckets = [e[4] for e in eng.log if e[0] == "prefill" and e[1] == 0 and e[5] > times[0] and e[3] < 4000]
+    assert 256 in buckets and 64 in buckets
+    # (c) the long prompt progresses, using nearly all of each gap: prefill stops only when the smallest
+    # piece's estimate (<= FIT_MARGIN x its cost, 3.44 ms at E <= 4000, once fitted) exceeds what is left
+    # after reserving one decode step (<= 1 + 0.5 + 1e-4 * 210 ms); the first gap (fit not yet identified)
+    # is left out
+    pre = [sum(prefill_ms(e[4], e[3]) for e in eng.log if e[0] == "prefill" and e[1] == 0 and a < e[5] <= b)
+           for a, b in zip(times, times[1:]) if b <= long_done]
+    floor = budget_ms - decode_ms(1, 210) - FIT_MARGIN * prefill_ms(16, 4000)
+    assert min(pre[1:]) >= floor - 1e-9, (min(pre[1:]), floor)
+    assert isinstance([e for e in _drain(long) if isinstance(e, Finished)][0], Finished)
+
+
+def _drain(req):
+    out = []
+    while not req.events.empty():
+        out.append(req.events.get_nowait())
+    return out
+
+
+def test_without_running_streams_prefill_uses_the_largest_bucket():
+    clock = Clock()
+    eng = CostEngine(clock)
+    sch = Scheduler(eng, max_queue=4, max_itl_ms=20.0, clock=clock)
+    long = _req("long", 1000, 1)
+    sch.submit(long)
+    _run(sch, lambda: long.done)
+    pieces = [(e[2], e[3], e[4]) for e in eng.log if e[0] == "prefill"]
+    assert pieces == [(0, 256, 256), (256, 512, 256), (512, 768, 256), (768, 1000, 256)]
+    # one piece per iteration, as with the budget off: 4 iterations, no decode call (max_new_tokens 1)
+    assert sch.steps == 4 and not [e for e in eng.log if e[0] == "decode"]
+
+
+def test_long_prompt_never_starves_when_even_the_smallest_piece_exceeds_the_budget():
+    clock = Clock()
+    eng = CostEngine(clock)
+    sch = Scheduler(eng, max_queue=4, max_itl_ms=1.0, clock=clock)     # < any piece (>= 2.8 ms)
+    chat, long = _req("chat", 5, 10_000), _req("long", 600, 1)
+    sch.submit(chat)
+    sch.step()                                   # chat decoding; its first decode call is measured
+    sch.submit(long)
+    _run(sch, lambda: long.done, limit=200)
+    pieces = [e for e in eng.log if e[0] == "prefill" and e[1] == 1]
+    assert pieces[-1][3] == 600
+    # every iteration ran exactly one smallest piece, then one decode step
+    kinds = [e[0] for e in eng.log if e[5 if e[0] == "prefill" else 3] > pieces[0][5] - 1e-12]
+    assert kinds[: 2 * len(pieces) - 1:2] == ["prefill"] * len(pieces)
+    assert all(p[4] == 16 for p in pieces)
+    chat.cancel()
+    sch.step()
+
+
+def test_decode_block_length_fits_the_budget_when_nothing_prefills():
+    clock = Clock()
+    eng = CostEngine(clock)
+    sch = Scheduler(eng, max_queue=4, max_itl_ms=5.0, clock=clock)
+    a = _req("a", 5, 200)
+    sch.submit(a)
+    for _ in range(6):
+        sch.step()
+    ns = [e[2] for e in eng.log if e[0] == "decode"]
+    assert ns[0] == 1                            # nothing measured yet: one step
+    # then the largest n whose bound fits 5 ms: 1 + n * (0.5 + 1e-4 * C) <= 5 -> n <= 7 at these C, and
+    # the bound (scaled from the measured call) is never below the true cost, so no call exceeds 5 ms
+    calls = [e for e in eng.log if e[0] == "decode"]
+    durations = [b[3] - a[3] for a, b in zip(calls, calls[1:])]
+    assert max(ns[1:]) > 1 and all(d <= 5e-3 + 1e-12 for d in durations)
+    a.cancel()
+    sch.step()
+
+
+def test_budget_off_keeps_one_full_piece_per_iteration():
+    clock = Clock()
+    eng = CostEngine(clock)
+    sch = Scheduler(eng, max_queue=4, max_itl_ms=0, clock=clock)
+    chat, long = _req("chat", 5, 50), _req("long", 1000, 1)
+    sch.submit(chat)
+    sch.step()
+    sch.submit(long)
+    _run(sch, lambda: long.done)
+    assert [e[4] for e in eng.log if e[0] == "prefill" and e[1] == 1] == [256] * 4
+    chat.cancel()
+    sch.step()
+
+
+def test_prefix_reuse_picks_the_slot_holding_the_prompt_and_reports_reused_tokens():
+    clock = Clock()
+    eng = CostEngine(clock, max_batch=3)
+    metrics = Metrics()
+    sch = Scheduler(eng, max_queue=4, reuse_min=8, clock=clock, metrics=metrics)
+    doc = list(range(100, 140))                  # 40 tokens
+    first = Request("q1", doc + [1, 2, 3], SamplingParams(max_new_tokens=2))
+    other = Request("x", list(range(500, 530)), SamplingParams(max_new_tokens=2))
+    sch.submit(first)
+    sch.submit(other)
+    _run(sch, lambda: first.done and other.done)
+    assert (first.slot, other.slot) == (0, 1) and 0 in eng.held and 1 in eng.held
+    second = Request("q2", doc + [7, 8], SamplingParams(max_new_tokens=1))
+    stranger = Request("y", list(range(900, 950)), SamplingParams(max_new_tokens=1))
+    sch.submit(stranger)                         # no common prefix: the free slot released longest ago
+    sch.submit(second)
+    sch.step()
+    assert stranger.slot == 2 and second.slot == 0
+    _run(sch, lambda: second.done and stranger.done)
+    fin = [e for e in _drain(second) if isinstance(e, Finished)][0]
+    assert fin.usage.reused_tokens == 40 and second.reused == 40      # the document only: q1's tail differs
+    assert [e for e in _drain(stranger) if isinstance(e, Finished)][0].usage.reused_tokens == 0
+    assert metrics.registry.get_sample_value("zenjax_reused_prompt_tokens_total") == 40      # Prometheus
+    # the prefill started after the reused prefix
+    assert [(e[2], e[3]) for e in eng.log if e[0] == "prefill" and e[1] == 0][-1] == (40, 42)
