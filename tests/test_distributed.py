@@ -9,6 +9,7 @@ on one host with 4 devices: <= 1e-5 * max|logit| (derivation: tests/test_sharded
 from __future__ import annotations
 
 import queue
+import re
 import socket
 import subprocess
 import sys
@@ -135,3 +136,53 @@ def test_two_processes_two_devices_each_equal_one_process(hf_fixture, converted,
     assert err <= SAME, err
     assert got["greedy"].tolist() == one.generate(ids[:7], SamplingParams(max_new_tokens=3,
                                                                            ignore_eos=True)).token_ids
+
+
+@pytest.mark.slow
+def test_server_on_two_processes_serves_from_process_0(tmp_path):
+    """`python -m zenjax.serve --tensor-parallel 2 --num-processes 2 ...`: process 0 serves gRPC, process 1
+    (one CPU device each) follows; the greedy completion equals one process's, and SIGTERM to process 0
+    drains it and releases process 1 (both exit 0)."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("serve_load", root / "benchmarks" / "serve_load.py")
+    serve_load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serve_load)
+    env = dict(serve_load.server_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    args = ["--max-batch", "1", "--max-model-len", "256", "--prefill-chunk", "16", "--attention", "reference",
+            "--tensor-parallel", "2", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    follower = subprocess.Popen([sys.executable, "-m", "zenjax.serve", *args, "--process-id", "1"], cwd=root,
+                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        leader = serve_load.ServerProcess([*args, "--process-id", "0"], env=env, timeout=300)
+        prompt = "The pass key is 71432. Remember it. What is the pass key? The pass key is"
+        got = leader.client.complete(prompt, max_new_tokens=6, temperature=0.0, timeout=120)
+        assert leader.stop() == 0, leader.stderr_tail()
+        err = follower.communicate(timeout=120)[1]
+        assert follower.returncode == 0, err[-3000:]
+        assert re.search(r"followed [1-9][0-9]* steps", err), err[-3000:]    # warmup + the request
+    finally:
+        follower.kill()
+    one = zenjax.load(max_model_len=256, prefill_chunk=16, attention="reference", verbose=False)
+    want = one.generate(prompt, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert got.token_ids == want.token_ids and got.text == want.text, (got, want.text)
+
+
+def test_server_flags_build_the_config_and_bad_ones_exit_2(capsys, monkeypatch):
+    from zenjax.distributed import DistributedConfig
+    from zenjax.serve.service import config_from_args
+    for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    c = config_from_args(["--coordinator", "h0:1234", "--num-processes", "2", "--process-id", "1",
+                          "--tensor-parallel", "4", "--expert-parallel", "2"])
+    assert c.distributed == DistributedConfig("h0:1234", 2, 1) and (c.tensor_parallel, c.expert_parallel) == (4, 2)
+    assert not config_from_args([]).distributed.enabled
+    for argv, words in [(["--num-processes", "2"], "--coordinator"),
+                        (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "5"], "--process-id=5"),
+                        (["--tensor-parallel", "0"], "--tensor-parallel=0"),
+                        (["--expert-parallel", "-1"], "--expert-parallel=-1")]:
+        with pytest.raises(SystemExit) as e:
+            config_from_args(argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err, argv

@@ -233,3 +233,16 @@ def follow(runner, channel=None, on_action: Callable | None = None) -> int:
         count += 1
         if on_action is not None:
             on_action(op)
+
+
+def follow_server(config) -> int:
+    """`python -m zenjax.serve --process-id N` for N > 0: load the same engine as process 0 (same
+    flags) and follow its steps until it stops; serves nothing. Returns the exit code (0)."""
+    import sys
+
+    import zenjax
+    from zenjax.serve.service import engine_kwargs
+    engine = zenjax.load(config.checkpoint, **engine_kwargs(config))
+    n = follow(engine.runner)
+    print(f"zenjax: process {config.distributed.process_id}: followed {n} steps of process 0", file=sys.stderr)
+    return 0
