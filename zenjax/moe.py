@@ -20,6 +20,13 @@ static shapes ([M*k, D] whatever the routing), so one compiled step serves every
 the op XLA lowers to a grouped GEMM on GPU (the Mosaic GPU grouped matmul in JAX's Pallas ops has the
 same contract, group sizes over sorted rows, should it be needed). Padding rows of a prefill chunk are
 routed like any token (static shapes); their outputs are never written to the cache.
+
+Expert parallelism (`sharded_routed_experts`, a mesh with an "ep" axis, zenjax/sharding.py): every device
+holds E/ep experts (and, with tensor parallelism, a slice of each one's width), routes every token (the
+router is replicated, so all devices agree), runs steps 2-4 for the assignments to its own experts only
+(the others sort past sum(group_sizes), where ragged_dot returns zero rows) and one psum over the split
+axes adds the devices' partial sums. Simple and exact; it moves no tokens (no all-to-all), at the cost of
+each device sorting all M*k assignments.
 """
 from __future__ import annotations
 

@@ -21,6 +21,12 @@ by q_succ when it is one DCA chunk back, by q_inter otherwise. With `meta.sparse
 a prompt longer than the sparse threshold), row t attends only the keys of the vertical-slash mask
 defined in zenjax/attention/sparse.py, estimated from this step's queries unless `meta.indices` is given.
 
+Several devices: `attention(..., mesh=mesh)` with a zenjax mesh (zenjax/sharding.py) runs the chosen
+implementation inside `jax.shard_map`, per device on its q heads (split over the mesh's ("tp", "kvr")) and
+the kv heads they read (split over "tp"; kv heads are replicated over "kvr" when tensor_parallel > K), so
+group mapping stays local and every implementation is unchanged. Sparse indices are estimated on the
+global arrays and sliced with the q heads.
+
 Implementations live in a registry, `IMPLS`: name -> module, imported on first use (cudnn / pallas pull in
 GPU-only code). A module provides `run(q, k, v, meta) -> (out, lse)` for dense attention and may provide
 `run_sparse(q, k, v, meta)`; without one the sparse step uses the reference's (plain jnp). `reference` is
