@@ -175,3 +175,15 @@ def constrain(x, mesh: Mesh | None, axes: tuple[str | None, ...]):
 
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")   # KV cache [B, S, K, H]
 ACT_AXES = ("batch", None, "embed")                          # activations [B, T, D]: replicated
+
+
+def shard_params(cfg, params: dict, mesh: Mesh) -> dict:
+    """A params tree (zenjax/params.py layout, fp8 scales included) placed on `mesh` by each parameter's
+    logical axes; what zenjax.load does tensor by tensor, for params already in memory (benchmarks)."""
+    from zenjax.params import iter_paths, nested_set, param_specs
+    has_fp8 = any(p[-1].endswith("_scale") for p, _ in iter_paths(params))
+    specs = param_specs(cfg, "fp8" if has_fp8 else None)
+    out: dict = {}
+    for path, value in iter_paths(params):
+        nested_set(out, path, jax.device_put(value, sharding_for(specs[path].axes, mesh)))
+    return out
