@@ -78,6 +78,9 @@ def test_follower_mirrors_the_leaders_device_state(hf_fixture, converted):
         assert _tree_equal(getattr(lead.runner, name), getattr(follower.runner, name)), name
     with pytest.raises(RuntimeError, match="last prefill"):
         lead.runner.sample_first(0, np.zeros((1, 300), np.float32))
+    assert lead.runner.temperature(10) == follower.runner.temperature(10)       # host-only: read through
+    with pytest.raises(AttributeError, match="does not mirror Runner._put"):
+        lead.runner._put(np.zeros(2))        # a device call the followers would not make: refused
 
 
 SCRIPT = textwrap.dedent("""

@@ -149,6 +149,9 @@ class BroadcastChannel:
         return pickle.loads(self._bcast(None))
 
 
+HOST_ONLY = frozenset({"temperature", "compiled_shapes"})    # Runner methods that touch no device
+
+
 class LeaderRunner:
     """A Runner (zenjax/runner.py) on process 0 whose device calls are first sent to the followers;
     everything else (buckets, cache_len, trace_counts, ...) reads through to the runner."""
@@ -160,7 +163,13 @@ class LeaderRunner:
         self.sent = 0
 
     def __getattr__(self, name):
-        return getattr(self._runner, name)
+        value = getattr(self._runner, name)
+        if callable(value) and name not in HOST_ONLY:
+            # a Runner method added later that nobody taught the followers: running it on process 0
+            # alone would desynchronise the processes' collectives (a hang), so refuse it loudly
+            raise AttributeError(f"LeaderRunner does not mirror Runner.{name} to the follower processes; "
+                                 f"add it to zenjax/distributed.py (LeaderRunner and follow)")
+        return value
 
     def _send(self, *action) -> None:
         self._channel.send(action)
