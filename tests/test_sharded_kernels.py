@@ -101,6 +101,13 @@ MOE = PRELUDE + textwrap.dedent("""
         print("moe", tp, ep, err, err_ref)
         assert err <= SAME and err_ref <= REF, (tp, ep, err, err_ref)
         assert greedy == base_greedy, (tp, ep, greedy, base_greedy)
+    # fp8 weights: e4m3 expert values and their [E, F] / [E, D] scales split like the weights
+    _, b8, bg8, _ = run(ckpt, ids, 1, quantization="fp8")
+    e, got, greedy, _ = run(ckpt, ids, 2, 2, quantization="fp8")
+    assert e.runner._state["layers"][0]["experts_w_down_scale"][...].addressable_shards[0].data.shape == (4, 32)
+    err = rel(got, b8)
+    print("moe fp8", err)
+    assert err <= SAME and greedy == bg8, (err, greedy, bg8)
     try:
         zenjax.load(ckpt, max_model_len=64, attention="pallas", dtype="float32", expert_parallel=3,
                     verbose=False)
