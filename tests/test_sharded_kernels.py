@@ -40,9 +40,9 @@ PRELUDE = textwrap.dedent("""
     def rel(a, b):
         return float(np.abs(a - b).max() / np.abs(b).max())
 
-    def run(ckpt, ids, tp, ep=1, **kw):
+    def run(ckpt, ids, tp, ep=1, attention="pallas", **kw):
         SEEN.clear()
-        e = zenjax.load(ckpt, max_model_len=64, prefill_chunk=16, attention="pallas", dtype="float32",
+        e = zenjax.load(ckpt, max_model_len=64, prefill_chunk=16, attention=attention, dtype="float32",
                         tensor_parallel=tp, expert_parallel=ep, verbose=False, **kw)
         logits = e.logits(ids)                                 # 2 prefill pieces (16 + 4 rows, padded)
         greedy = e.generate(ids[:7], SamplingParams(max_new_tokens=3, ignore_eos=True)).token_ids
@@ -102,8 +102,9 @@ MOE = PRELUDE + textwrap.dedent("""
         assert err <= SAME and err_ref <= REF, (tp, ep, err, err_ref)
         assert greedy == base_greedy, (tp, ep, greedy, base_greedy)
     # fp8 weights: e4m3 expert values and their [E, F] / [E, D] scales split like the weights
-    _, b8, bg8, _ = run(ckpt, ids, 1, quantization="fp8")
-    e, got, greedy, _ = run(ckpt, ids, 2, 2, quantization="fp8")
+    # (reference attention: this checks the expert weights' layout; the kernels' sharding is checked above)
+    _, b8, bg8, _ = run(ckpt, ids, 1, attention="reference", quantization="fp8")
+    e, got, greedy, _ = run(ckpt, ids, 2, 2, attention="reference", quantization="fp8")
     assert e.runner._state["layers"][0]["experts_w_down_scale"][...].addressable_shards[0].data.shape == (4, 32)
     err = rel(got, b8)
     print("moe fp8", err)

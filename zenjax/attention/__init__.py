@@ -93,7 +93,8 @@ def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scal
     lead = (None,) * (q.ndim - 3)                                  # [3,] B, T
     q_spec, out_spec = P(*lead, None, heads, None), P(None, None, heads, None)
     kv_spec, scale_spec = P(None, None, kvh, None), P(None, None, kvh)
-    idx_spec = None if meta.indices is None else jax.tree.map(lambda _: P(None, heads, None), meta.indices)
+    idx_spec = None if meta.indices is None else jax.tree.map(lambda x: P(None, heads, *(None,) * (x.ndim - 2)),
+                                                              meta.indices)          # [B, N, ...]
     meta_spec = meta.replace(q_start=P(), kv_len=P(), indices=idx_spec)
     scales = () if k_scale is None else (k_scale, v_scale)
 
