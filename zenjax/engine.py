@@ -366,7 +366,8 @@ class Engine:
 
 def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 8192, max_batch: int = 1,
          attention: str = "auto", dtype: str | None = None, cache_dtype: str | None = None,
-         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, verbose: bool = True,
+         dca: DCAConfig | None | bool = True, tensor_parallel: int = 1, expert_parallel: int = 1,
+         verbose: bool = True,
          quantization: str | None = None, sparse: "bool | str | SparseConfig | Path" = "auto") -> Engine:
     """Load a converted checkpoint (None: the embedded default) into an Engine.
 
@@ -396,7 +397,7 @@ def load(path=None, *, max_model_len: int | None = None, prefill_chunk: int = 81
                 print(f"zenjax: {sparse_cfg.source}: sparse prefill stays off with attention={ec.attention} "
                       "(no validated sparse path; pass sparse=True to force it)", file=sys.stderr)
             sparse_cfg = None
-    mesh = make_mesh(tensor_parallel)
+    mesh = make_mesh(tensor_parallel, cfg=cfg, ep=expert_parallel)   # checked against the heads (sharding.py)
 
     def put(path_tuple, spec, array):
         if spec.dtype is not None:        # fp8 values / scales keep their dtype

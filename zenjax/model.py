@@ -37,6 +37,7 @@ from zenjax.layers import dense_mlp, linear, output_projection, qkv_projection
 from zenjax.moe import moe_mlp
 from zenjax.params import layer_param_specs, param_specs, scale_name
 from zenjax.rope import apply_rope
+from zenjax.sharding import ACT_AXES, check_mesh, constrain, is_sharded
 
 
 FP8 = jnp.float8_e4m3fn
@@ -120,8 +121,14 @@ class Block(nnx.Module):
     router / experts_w_* / shared_* where a dense layer has w_gate / w_up / w_down)."""
 
     def __init__(self, cfg: ModelConfig, l: int, arrays: dict):
-        for name, spec in layer_param_specs(cfg, l, quantization_of(arrays)).items():
+        specs = layer_param_specs(cfg, l, quantization_of(arrays))
+        for name, spec in specs.items():
             setattr(self, name, nnx.Param(arrays[name], logical_axes=spec.axes))
+        self.quantization = quantization_of(arrays)                    # static: None | "fp8"
+
+    def axes(self, cfg: ModelConfig, l: int) -> dict:
+        """{name: logical axes} of this layer's parameters (fp8 scales included), for the sharded MoE."""
+        return {name: spec.axes for name, spec in layer_param_specs(cfg, l, self.quantization).items()}
 
     def weights(self, cfg: ModelConfig, l: int) -> dict:
         """{name: array or Fp8Weight} for the pure layer functions (zenjax/layers.py, zenjax/moe.py)."""
@@ -136,10 +143,14 @@ def quantization_of(arrays: dict) -> str | None:
 
 
 class Qwen2(nnx.Module):
-    def __init__(self, cfg: ModelConfig, params: dict):
-        """params: nested dict laid out as zenjax/params.py (layers keyed "0", "1", ...)."""
+    def __init__(self, cfg: ModelConfig, params: dict, mesh=None):
+        """params: nested dict laid out as zenjax/params.py (layers keyed "0", "1", ...), placed on `mesh`
+        (zenjax/sharding.py) when given: attention then runs per device on its heads (shard_map), routed
+        experts per device on its experts, and activations are pinned replicated at layer boundaries."""
+        check_mesh(cfg, mesh)
         specs = param_specs(cfg)
         self.cfg = cfg
+        self.mesh = mesh if is_sharded(mesh) else None        # static (part of the graphdef)
         self.embed = nnx.Param(params["embed"], logical_axes=specs[("embed",)].axes)
         self.layers = nnx.List([Block(cfg, l, params["layers"][str(l)]) for l in range(cfg.num_layers)])
         self.final_norm = nnx.Param(params["final_norm"], logical_axes=specs[("final_norm",)].axes)
@@ -178,22 +189,29 @@ class Qwen2(nnx.Module):
         cfg = self.cfg
         B, T = inp.tokens.shape
         positions = inp.q_start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
-        x = jnp.take(self.embed[...], inp.tokens, axis=0)                              # [B, T, D]
+        mesh = self.mesh
+        x = constrain(jnp.take(self.embed[...], inp.tokens, axis=0), mesh, ACT_AXES)  # [B, T, D]
         new_k, new_v, new_ks, new_vs = [], [], [], []
         for l, blk in enumerate(self.layers):
             w = blk.weights(cfg, l)
             h = rms_norm(x, blk.attn_norm[...], cfg.rms_norm_eps)
             q, k, v = qkv_projection(w, h)
+            # heads split as attention reads them (q over ("tp", "kvr"), k / v over "tp": the cache's layout)
+            q = constrain(q, mesh, ("batch", None, "q_heads", "head_dim"))
+            k = constrain(k, mesh, ("batch", None, "kv_heads", "head_dim"))
+            v = constrain(v, mesh, ("batch", None, "kv_heads", "head_dim"))
             q, k = self._rotate(q, k, positions, inp.temp)
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
             k_read, v_read, ks_read, vs_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
                                                                     new_k, new_v, new_ks, new_vs)
             meta = attn_lib.AttentionMeta(inp.q_start, inp.kv_len, cfg.dca,
                                           None if sparse is None else sparse.layer(l, cfg.rope_theta))
-            a = attn_lib.attention(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read)
-            x = x + output_projection(w, a.astype(x.dtype))
+            a = attn_lib.attention(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read,
+                                   mesh=mesh)
+            x = constrain(x + output_projection(w, a.astype(x.dtype)), mesh, ACT_AXES)
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
-            x = x + (moe_mlp(w, h, cfg.moe) if cfg.is_moe_layer(l) else dense_mlp(w, h))
+            x = x + (moe_mlp(w, h, cfg.moe, mesh, blk.axes(cfg, l)) if cfg.is_moe_layer(l) else dense_mlp(w, h))
+            x = constrain(x, mesh, ACT_AXES)
         if logits_rows is not None:
             x = jnp.take_along_axis(x, logits_rows[:, None, None], axis=1)[:, 0]        # [B, D]
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)

@@ -20,6 +20,13 @@ static shapes ([M*k, D] whatever the routing), so one compiled step serves every
 the op XLA lowers to a grouped GEMM on GPU (the Mosaic GPU grouped matmul in JAX's Pallas ops has the
 same contract, group sizes over sorted rows, should it be needed). Padding rows of a prefill chunk are
 routed like any token (static shapes); their outputs are never written to the cache.
+
+Expert parallelism (`sharded_routed_experts`, a mesh with an "ep" axis, zenjax/sharding.py): every device
+holds E/ep experts (and, with tensor parallelism, a slice of each one's width), routes every token (the
+router is replicated, so all devices agree), runs steps 2-4 for the assignments to its own experts only
+(the others sort past sum(group_sizes), where ragged_dot returns zero rows) and one psum over the split
+axes adds the devices' partial sums. Simple and exact; it moves no tokens (no all-to-all), at the cost of
+each device sorting all M*k assignments.
 """
 from __future__ import annotations
 
@@ -45,31 +52,72 @@ def _num_experts(w) -> int:
     return (w.values if hasattr(w, "values") else w).shape[0]
 
 
-def routed_experts(h, weights, experts, w_gate, w_up, w_down):
+def routed_experts(h, weights, experts, w_gate, w_up, w_down, first_expert=0):
     """sum_j weights[m, j] * SwiGLU_{experts[m, j]}(h[m]) for h [M, D]; expert weights [E, D, F],
-    [E, D, F], [E, F, D]. Steps 2-4 of the module docstring."""
+    [E, D, F], [E, F, D]. Steps 2-4 of the module docstring.
+
+    first_expert: the weights hold experts [first_expert, first_expert + E) of the model (one device's
+    share under expert parallelism); assignments to other experts contribute nothing: they sort after
+    the local ones, past sum(group_sizes), where ragged_dot leaves zero rows."""
     M, D = h.shape
     k, E = experts.shape[1], _num_experts(w_gate)
-    flat = experts.reshape(-1)                                        # [M*k] assignment -> expert
+    flat = experts.reshape(-1) - first_expert                         # [M*k] assignment -> local expert
+    local = (flat >= 0) & (flat < E)
+    flat = jnp.where(local, flat, E)                                  # others: the empty group E, sorted last
     order = jnp.argsort(flat, stable=True)                            # assignments sorted by expert
     xs = jnp.take(h, order // k, axis=0)                              # [M*k, D] each row's token
-    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)            # [E] rows per expert
-    row_e = jnp.take(flat, order)                                     # [M*k] each sorted row's expert
+    sizes = jnp.bincount(flat, length=E + 1)[:E].astype(jnp.int32)    # [E] rows per local expert
+    row_e = jnp.minimum(jnp.take(flat, order), E - 1)                 # [M*k] each sorted row's expert
     gate = grouped_linear(xs, w_gate, sizes, row_e)
     up = grouped_linear(xs, w_up, sizes, row_e)
     ys = grouped_linear(jax.nn.silu(gate) * up, w_down, sizes, row_e)  # [M*k, D]
-    ys = ys * jnp.take(weights.reshape(-1), order)[:, None]
+    ys = ys * jnp.take(jnp.where(local, weights.reshape(-1), 0), order)[:, None]
     unsort = jnp.zeros_like(order).at[order].set(jnp.arange(M * k, dtype=order.dtype))
     return jnp.take(ys, unsort, axis=0).reshape(M, k, D).sum(axis=1)  # back in token order
 
 
-def moe_mlp(w: dict, h, moe: MoEConfig):
+EXPERT_WEIGHTS = ("experts_w_gate", "experts_w_up", "experts_w_down")
+
+
+def sharded_routed_experts(x, weights, experts, w: dict, axes: dict, mesh):
+    """routed_experts with the expert weights split over the mesh (zenjax/sharding.py: experts over "ep",
+    each expert's width over ("tp", "kvr")): every device runs its experts' share of every token (tokens
+    and routing are replicated), then one psum over the axes the weights are split on adds the partial
+    sums (other experts' tokens contribute zero; a width shard gives a partial down projection).
+    axes: {name: logical axes} of the layer's parameters (zenjax/params.py), fp8 scales included."""
+    from jax.sharding import PartitionSpec as P
+    from zenjax.fp8 import Fp8Weight
+    from zenjax.sharding import mesh_size, spec_axes, spec_for
+
+    def spec(name):
+        s = spec_for(axes[name], mesh)
+        return Fp8Weight(s, spec_for(axes[name + "_scale"], mesh)) if isinstance(w[name], Fp8Weight) else s
+
+    specs = [spec(n) for n in EXPERT_WEIGHTS]
+    split = spec_axes(spec_for(axes["experts_w_gate"], mesh))            # gate/up/down: same mesh axes
+    e_local = _num_experts(w["experts_w_gate"]) // mesh_size(mesh, ("ep",))
+
+    def local(x, weights, experts, *ws):
+        first = jax.lax.axis_index("ep") * e_local if "ep" in split else 0
+        y = routed_experts(x, weights, experts, *ws, first_expert=first)
+        return jax.lax.psum(y, split) if split else y
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), *specs), out_specs=P(), check_vma=False)
+    return fn(x, weights, experts, *(w[n] for n in EXPERT_WEIGHTS))
+
+
+def moe_mlp(w: dict, h, moe: MoEConfig, mesh=None, axes: dict | None = None):
     """A sparse layer's MLP: h [B, T, D] -> [B, T, D]; w holds the layer's router, experts_w_* and
-    shared_* weights (zenjax/params.py)."""
+    shared_* weights (zenjax/params.py). mesh (several devices) + axes (logical axes per weight name):
+    the routed experts run per device on its share (sharded_routed_experts); the shared expert and the
+    router are left to XLA's sharding propagation (dense matmuls with split widths)."""
     B, T, D = h.shape
     x = h.reshape(B * T, D)
     weights, experts = route(x, w["router"], moe.num_experts_per_tok, moe.norm_topk_prob)
-    y = routed_experts(x, weights, experts, w["experts_w_gate"], w["experts_w_up"], w["experts_w_down"])
+    if mesh is not None and mesh.size > 1:
+        y = sharded_routed_experts(x, weights, experts, w, axes, mesh)
+    else:
+        y = routed_experts(x, weights, experts, w["experts_w_gate"], w["experts_w_up"], w["experts_w_down"])
     shared = swiglu(x, w["shared_w_gate"], w["shared_w_up"], w["shared_w_down"])
     gate = jax.nn.sigmoid(linear("md,d->m", x, w["shared_gate"]))     # [M] one scalar per token
     return (y + gate[:, None] * shared).reshape(B, T, D)

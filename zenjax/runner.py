@@ -87,7 +87,7 @@ class Runner:
         self.max_batch = ec.max_batch
         self.decode_block = DECODE_BLOCK
         self.buckets = prefill_buckets(ec.prefill_chunk, cfg.dca.chunk_len if cfg.dca else None)
-        self._graphdef, self._state = nnx.split(Qwen2(cfg, params))
+        self._graphdef, self._state = nnx.split(Qwen2(cfg, params, mesh=mesh))
         cache_dtype = jnp.dtype(ec.cache_dtype)
         # The cache holds max_model_len slots rounded up to CACHE_ALIGN: the Hopper prefill kernel walks
         # 128-key tiles and would otherwise pad (copy) a whole layer's cache every step. The extra slots are

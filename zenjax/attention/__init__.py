@@ -21,6 +21,12 @@ by q_succ when it is one DCA chunk back, by q_inter otherwise. With `meta.sparse
 a prompt longer than the sparse threshold), row t attends only the keys of the vertical-slash mask
 defined in zenjax/attention/sparse.py, estimated from this step's queries unless `meta.indices` is given.
 
+Several devices: `attention(..., mesh=mesh)` with a zenjax mesh (zenjax/sharding.py) runs the chosen
+implementation inside `jax.shard_map`, per device on its q heads (split over the mesh's ("tp", "kvr")) and
+the kv heads they read (split over "tp"; kv heads are replicated over "kvr" when tensor_parallel > K), so
+group mapping stays local and every implementation is unchanged. Sparse indices are estimated on the
+global arrays and sliced with the q heads.
+
 Implementations live in a registry, `IMPLS`: name -> module, imported on first use (cudnn / pallas pull in
 GPU-only code). A module provides `run(q, k, v, meta) -> (out, lse)` for dense attention and may provide
 `run_sparse(q, k, v, meta)`; without one the sparse step uses the reference's (plain jnp). `reference` is
@@ -57,12 +63,52 @@ def sparse_ready(impl: str) -> bool:
     return bool(getattr(implementation(impl), "SPARSE_READY", False))
 
 
-def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None):
+def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None,
+                  mesh=None):
     """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the implementation `impl`.
 
     An e4m3 cache comes with its [B,S,K] float32 scales: a module with READS_FP8 gets them as they are
     (pallas: the decode kernel scales e4m3 tiles in registers, no dequantized copy of the layer's cache);
-    every other path, sparse prefill included, gets a dequantized copy in q's dtype."""
+    every other path, sparse prefill included, gets a dequantized copy in q's dtype.
+
+    mesh: a zenjax mesh (zenjax/sharding.py) spanning several devices -> the implementation runs inside
+    `jax.shard_map`, each device on its own q heads and the kv heads they read (q heads split over
+    ("tp", "kvr"), kv heads over "tp", so a q head's kv head is always local), replicated over "ep".
+    Sparse indices [B, N, ...] are estimated on the global arrays (the per-head budgets are static) and
+    sliced with the q heads."""
+    if mesh is None or mesh.size == 1:
+        return _local_attention_lse(q, k_cache, v_cache, meta, impl=impl, k_scale=k_scale, v_scale=v_scale)
+    import jax
+    from jax.sharding import PartitionSpec as P
+    from zenjax.sharding import spec_for
+    if (meta.sparse is not None) and meta.indices is None:
+        from zenjax.attention import sparse
+        if k_scale is not None:           # the estimator reads float keys (the sparse path dequantizes anyway)
+            from zenjax.model import dequantize_fp8
+            k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
+            k_scale = v_scale = None
+        meta = meta.replace(indices=sparse.estimate(q, k_cache, meta))
+    heads = spec_for(("q_heads",), mesh)[0]
+    kvh = spec_for(("kv_heads",), mesh)[0]
+    lead = (None,) * (q.ndim - 3)                                  # [3,] B, T
+    q_spec, out_spec = P(*lead, None, heads, None), P(None, None, heads, None)
+    kv_spec, scale_spec = P(None, None, kvh, None), P(None, None, kvh)
+    idx_spec = None if meta.indices is None else jax.tree.map(lambda x: P(None, heads, *(None,) * (x.ndim - 2)),
+                                                              meta.indices)          # [B, N, ...]
+    meta_spec = meta.replace(q_start=P(), kv_len=P(), indices=idx_spec)
+    scales = () if k_scale is None else (k_scale, v_scale)
+
+    def local(q, k, v, meta, *scales):
+        ks, vs = scales if scales else (None, None)
+        return _local_attention_lse(q, k, v, meta, impl=impl, k_scale=ks, v_scale=vs)
+
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, meta_spec) + (scale_spec,) * len(scales),
+                       out_specs=(out_spec, P(None, None, heads)), check_vma=False)
+    return fn(q, k_cache, v_cache, meta, *scales)
+
+
+def _local_attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None):
+    """attention_lse on one device's arrays (all heads, or the heads of a shard_map body)."""
     mod = implementation(impl)
     dense = meta.sparse is None and meta.indices is None
     if k_scale is not None and not (dense and getattr(mod, "READS_FP8", False)):
@@ -81,6 +127,6 @@ def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scal
     return out.astype(q.dtype), lse
 
 
-def attention(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None):
+def attention(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None, mesh=None):
     """The attention output [B,T,N,H] in q's dtype; see the module docstring for the contract."""
-    return attention_lse(q, k_cache, v_cache, meta, impl=impl, k_scale=k_scale, v_scale=v_scale)[0]
+    return attention_lse(q, k_cache, v_cache, meta, impl=impl, k_scale=k_scale, v_scale=v_scale, mesh=mesh)[0]

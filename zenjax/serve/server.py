@@ -112,4 +112,10 @@ def serve(config: ServerConfig, engine=None) -> int:
 
 
 def main(argv=None) -> int:
-    return serve(config_from_args(argv))
+    config = config_from_args(argv)
+    if config.distributed.enabled:            # several processes: 0 serves, the others follow its steps
+        from zenjax.distributed import follow_server, initialize
+        initialize(config.distributed)
+        if not config.distributed.is_leader:
+            return follow_server(config)
+    return serve(config)

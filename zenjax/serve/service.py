@@ -28,6 +28,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+from zenjax.distributed import DistributedConfig, DistributedError, add_arguments as add_distributed_arguments
+from zenjax.distributed import distributed_config
 from zenjax.sampling import SamplingError, SamplingParams
 from zenjax.serve.errors import InvalidRequest, ServiceError, Unavailable
 from zenjax.serve.metrics import Metrics, log_event
@@ -68,6 +70,9 @@ class ServerConfig:
     allow_special_tokens_in_content: bool = False   # chat content may spell control tokens (<|im_start|>...)
     max_itl_ms: float = 100.0         # inter-token budget of running streams during prefills; 0: unbounded
     prefix_reuse_min: int = 256       # reuse a free slot's cached prefix of >= this many tokens; 0: off
+    tensor_parallel: int = 1          # devices per model for heads / MLP widths (zenjax/sharding.py)
+    expert_parallel: int = 1          # MoE experts split this many ways (times tensor_parallel devices)
+    distributed: DistributedConfig = DistributedConfig()   # several processes: zenjax/distributed.py
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix-reuse-min", type=int, default=d.prefix_reuse_min,
                     help="a prompt whose first N >= this many tokens equal what a free slot's KV cache still "
                          "holds prefills only the rest (0: off; default %(default)s)")
+    ap.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel, help="devices per model (heads)")
+    ap.add_argument("--expert-parallel", type=int, default=d.expert_parallel, help="MoE experts split N ways")
+    add_distributed_arguments(ap)
     return ap
 
 
@@ -144,7 +152,9 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--tls-cert", (a.tls_cert is None) == (a.tls_key is None), "and --tls-key go together"),
               ("--tls-cert", a.tls_cert is None or os.path.isfile(a.tls_cert), "is not a file"),
               ("--tls-key", a.tls_key is None or os.path.isfile(a.tls_key), "is not a file"),
-              ("--api-key-file", a.api_key_file is None or os.path.isfile(a.api_key_file), "is not a file")]
+              ("--api-key-file", a.api_key_file is None or os.path.isfile(a.api_key_file), "is not a file"),
+              ("--tensor-parallel", a.tensor_parallel >= 1, "must be >= 1"),
+              ("--expert-parallel", a.expert_parallel >= 1, "must be >= 1")]
     checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
                    "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
     checks.append(("--sparse", a.sparse in ("auto", "on", "off") or os.path.isfile(a.sparse),
@@ -158,6 +168,10 @@ def config_from_args(argv=None) -> ServerConfig:
             api_key = f.read().strip()
         if not api_key:
             ap.error(f"--api-key-file={a.api_key_file} is empty")
+    try:
+        dist = distributed_config(a.coordinator, a.num_processes, a.process_id)
+    except DistributedError as e:
+        ap.error(str(e))
     return ServerConfig(checkpoint=a.checkpoint, host=a.host, port=a.port, grpc=not a.no_grpc,
                         http_port=a.http_port, max_batch=a.max_batch, max_model_len=a.max_model_len,
                         prefill_chunk=a.prefill_chunk, max_queue=a.max_queue, metrics_port=a.metrics_port,
@@ -165,7 +179,25 @@ def config_from_args(argv=None) -> ServerConfig:
                         cache_dtype=a.cache_dtype, sparse=a.sparse, served_model_name=a.served_model_name,
                         reflection=not a.no_reflection, tls_cert=a.tls_cert, tls_key=a.tls_key, api_key=api_key,
                         allow_special_tokens_in_content=a.allow_special_tokens_in_content,
-                        max_itl_ms=a.max_itl_ms, prefix_reuse_min=a.prefix_reuse_min)
+                        max_itl_ms=a.max_itl_ms, prefix_reuse_min=a.prefix_reuse_min,
+                        tensor_parallel=a.tensor_parallel, expert_parallel=a.expert_parallel, distributed=dist)
+
+
+def engine_kwargs(c: ServerConfig) -> dict:
+    """zenjax.load's keyword arguments for a server config (process 0 and the followers load alike)."""
+    kw = dict(max_batch=c.max_batch, attention=c.attention, tensor_parallel=c.tensor_parallel,
+              expert_parallel=c.expert_parallel)
+    if c.prefill_chunk is not None:
+        kw["prefill_chunk"] = c.prefill_chunk
+    if c.max_model_len is not None:
+        kw["max_model_len"] = c.max_model_len
+    if c.dca != "auto":
+        kw["dca"] = False if c.dca == "off" else parse_dca(c.dca)
+    if c.cache_dtype:
+        kw["cache_dtype"] = c.cache_dtype
+    from zenjax.config import parse_sparse_choice
+    kw["sparse"] = parse_sparse_choice(c.sparse)
+    return kw
 
 
 def parse_dca(text: str):
@@ -247,18 +279,10 @@ class Service:
         t0 = time.monotonic()
         if self.engine is None:
             import zenjax
-            kw = dict(max_batch=c.max_batch, attention=c.attention)
-            if c.prefill_chunk is not None:
-                kw["prefill_chunk"] = c.prefill_chunk
-            if c.max_model_len is not None:
-                kw["max_model_len"] = c.max_model_len
-            if c.dca != "auto":
-                kw["dca"] = False if c.dca == "off" else parse_dca(c.dca)
-            if c.cache_dtype:
-                kw["cache_dtype"] = c.cache_dtype
-            from zenjax.config import parse_sparse_choice
-            kw["sparse"] = parse_sparse_choice(c.sparse)
-            self.engine = zenjax.load(c.checkpoint, **kw)
+            self.engine = zenjax.load(c.checkpoint, **engine_kwargs(c))
+            if c.distributed.enabled:         # process 0 of several: the others replay its device calls
+                from zenjax.distributed import LeaderRunner
+                self.engine.runner = LeaderRunner(self.engine.runner)
         t1 = time.monotonic()
         self.engine.warmup()       # compiles every prefill bucket and the decode call up front
         t2 = time.monotonic()
@@ -295,6 +319,9 @@ class Service:
     def stop(self) -> None:
         if self.scheduler is not None:
             self.scheduler.stop()
+        close = getattr(getattr(self.engine, "runner", None), "close", None)
+        if close is not None:             # a LeaderRunner: release the follower processes
+            close()
         self.prep_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- requests
