@@ -196,3 +196,73 @@ def test_raise_budgets_steps_quirk_and_cap():
     new, raised = raise_budgets(budgets, scores, 0.95, 2048, 2048, cap=4096)
     assert new == (((130 + 2048, 2848), (1000, 6096), (5000, 5000)),)       # capped head cannot gain
     assert raised.tolist() == [[True, False, False]]
+
+
+def test_prometheus_counts_sparse_and_dense_prefill_tokens():
+    """zenjax_prefill_tokens_by_mode_total{mode} follows Engine.stats() from watch_engine on (the server
+    calls it after its warm-up, whose dense tokens are not requests'), read at scrape time."""
+    from prometheus_client import generate_latest
+    from zenjax.serve.metrics import Metrics
+
+    class _Engine:                                  # Engine.stats()'s contract: the two token counts
+        counts = {"sparse_prefill_tokens": 0, "dense_prefill_tokens": 2304}       # 2304: the warm-up
+
+        def stats(self):
+            return dict(self.counts)
+
+    def scrape(m):
+        text = generate_latest(m.registry).decode()
+        return {mode: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() for mode in ("sparse", "dense")
+                if line.startswith(f'zenjax_prefill_tokens_by_mode_total{{mode="{mode}"}}')}
+
+    m, e = Metrics(), _Engine()
+    assert scrape(m) == {"sparse": 0.0, "dense": 0.0}
+    m.watch_engine(e)
+    e.counts = {"sparse_prefill_tokens": 40000, "dense_prefill_tokens": 2304 + 300}
+    assert scrape(m) == {"sparse": 40000.0, "dense": 300.0}
+
+
+def test_server_metrics_endpoint_counts_prefill_modes():
+    """Through the server: its /metrics shows the engine's sparse / dense prompt tokens of requests (a
+    paced engine double that prefills prompts longer than 4 tokens 'sparse'), not its warm-up's."""
+    import socket
+
+    import httpx
+    from serve_doubles import PacedEngine
+    from zenjax.serve.server import Server, ServerConfig
+
+    class _Counting(PacedEngine):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.counts = {"sparse_prefill_tokens": 0, "dense_prefill_tokens": 0}
+
+        def warmup(self):
+            self.counts["dense_prefill_tokens"] += 256
+
+        def prefill_next(self, slot):
+            seq = self.seqs[slot]
+            before = seq.prefilled
+            out = super().prefill_next(slot)
+            self.counts["sparse_prefill_tokens" if seq.prompt_len > 4 else "dense_prefill_tokens"] += \
+                seq.prefilled - before
+            return out
+
+        def stats(self):
+            return dict(self.counts)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        mport = s.getsockname()[1]
+    server = Server(ServerConfig(port=0, http_port=0, max_batch=2, max_queue=2, metrics_port=mport),
+                    engine=_Counting())
+    server.start()
+    try:
+        for prompt in ([5, 6, 7], list(range(10, 110))):
+            r = httpx.post(f"http://127.0.0.1:{server.http_port}/v1/completions",
+                           json={"model": "embedded-default", "prompt": prompt, "max_tokens": 2})
+            assert r.status_code == 200
+        text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
+        assert 'zenjax_prefill_tokens_by_mode_total{mode="sparse"} 100.0' in text
+        assert 'zenjax_prefill_tokens_by_mode_total{mode="dense"} 3.0' in text
+    finally:
+        server.drain(0)
