@@ -266,3 +266,43 @@ def test_server_metrics_endpoint_counts_prefill_modes():
         assert 'zenjax_prefill_tokens_by_mode_total{mode="dense"} 3.0' in text
     finally:
         server.drain(0)
+
+
+def test_per_head_recall_at_qwen_head_layout(tmp_path):
+    """28 q / 4 kv heads (GQA 7), random weights, 600 tokens (DCA s = 224; the last piece does not fill a
+    block): a head's recall depends only on its own budget. The two heads given budgets beyond every
+    key have recall 1 within float32 summation rounding (2 (S - 1) u, as above); every small-budget head
+    loses mass; the written file keeps each global head id's budgets and score."""
+
+    import jax
+    import jax.numpy as jnp
+    from zenjax.config import DCAConfig, ModelConfig, engine_config
+    from zenjax.engine import Engine
+    from zenjax.model import init_params
+
+    cfg = ModelConfig(vocab_size=300, hidden_size=224, intermediate_size=64, num_layers=2, num_heads=28,
+                      num_kv_heads=4, head_dim=8, rope_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                      max_position_embeddings=4096, dca=DCAConfig(256, 32, 256))
+    params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.2)
+    ec = engine_config(max_model_len=600, prefill_chunk=128, attention="reference", dtype="float32")
+    engine = Engine(cfg, params, ec, verbose=False)
+    S = 600
+    ids = tmp_path / "ids.json"
+    ids.write_text(json.dumps([int(t) for t in np.random.RandomState(1).randint(0, 300, S)]))
+    full = {(0, 27), (1, 13)}
+    start = [{str(h): ["vertical_and_slash", *((1000, 1000) if (l, h) in full else (8, 8)), 0.0]
+              for h in range(28)} for l in range(2)]
+    (tmp_path / "start.json").write_text(json.dumps(start))
+    rc = refine_config(None, str(ids), [S], tmp_path / "out.json", start=str(tmp_path / "start.json"),
+                       max_rounds=1)
+    rep = refine(rc, progress=False, engine=engine)
+    rec = np.asarray(rep["rounds"][0]["recall"])                   # [2, 28]
+    assert engine.prefill_plan(S)[-1] == (576, 600)
+    for l, h in full:
+        assert abs(rec[l, h] - 1) <= 2 * (S - 1) * F32_U
+    small = np.ones_like(rec, bool)
+    small[tuple(zip(*full))] = False
+    assert rec[small].max() < 0.999
+    entries = json.loads(rc.out.read_text())
+    assert [sorted(map(int, e)) for e in entries] == [list(range(28))] * 2
+    assert entries[1]["13"][1:3] == [1000, 1000] and entries[0]["5"][1:3] == [8, 8]
