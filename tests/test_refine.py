@@ -196,6 +196,10 @@ def test_raise_budgets_steps_quirk_and_cap():
     new, raised = raise_budgets(budgets, scores, 0.95, 2048, 2048, cap=4096)
     assert new == (((130 + 2048, 2848), (1000, 6096), (5000, 5000)),)       # capped head cannot gain
     assert raised.tolist() == [[True, False, False]]
+    # an A-shape head keeps n_init = 30 as given (no quirk) and raises it by the step
+    new, _ = raise_budgets(budgets, scores, 0.95, 2048, 2048, cap=4096,
+                           patterns=(("a_shape", "vertical_and_slash", "vertical_and_slash"),))
+    assert new[0][0] == (30 + 2048, 2848)
 
 
 def test_prometheus_counts_sparse_and_dense_prefill_tokens():
@@ -272,7 +276,7 @@ def test_per_head_recall_at_qwen_head_layout(tmp_path):
     """28 q / 4 kv heads (GQA 7), random weights, 600 tokens (DCA s = 224; the last piece does not fill a
     block): a head's recall depends only on its own budget. The two heads given budgets beyond every
     key have recall 1 within float32 summation rounding (2 (S - 1) u, as above); every small-budget head
-    loses mass; the written file keeps each global head id's budgets and score."""
+    loses mass; the written file keeps each global head id's pattern, budgets and score."""
 
     import jax
     import jax.numpy as jnp
@@ -292,6 +296,7 @@ def test_per_head_recall_at_qwen_head_layout(tmp_path):
     full = {(0, 27), (1, 13)}
     start = [{str(h): ["vertical_and_slash", *((1000, 1000) if (l, h) in full else (8, 8)), 0.0]
               for h in range(28)} for l in range(2)]
+    start[0]["3"][0] = "a_shape"                                  # patterns pass through (spec 3.1)
     (tmp_path / "start.json").write_text(json.dumps(start))
     rc = refine_config(None, str(ids), [S], tmp_path / "out.json", start=str(tmp_path / "start.json"),
                        max_rounds=1)
@@ -306,3 +311,4 @@ def test_per_head_recall_at_qwen_head_layout(tmp_path):
     entries = json.loads(rc.out.read_text())
     assert [sorted(map(int, e)) for e in entries] == [list(range(28))] * 2
     assert entries[1]["13"][1:3] == [1000, 1000] and entries[0]["5"][1:3] == [8, 8]
+    assert entries[0]["3"][0] == "a_shape" and entries[0]["4"][0] == "vertical_and_slash"

@@ -243,25 +243,30 @@ def aggregate(stats: RecallStats, how: str) -> np.ndarray:
     return np.where(b == BINS, 1.0, b / BINS)
 
 
-def raise_budgets(budgets, scores, threshold: float, step_vertical: int, step_slash: int, cap: int):
+def raise_budgets(budgets, scores, threshold: float, step_vertical: int, step_slash: int, cap: int,
+                  patterns=()):
     """Step 4: (new budgets, raised [L, N] bool). A head below the threshold gains the steps unless both its
-    budgets already reach `cap` (the longest length: more keys than exist change nothing)."""
+    budgets already reach `cap` (the longest length: more keys than exist change nothing). An A-shape
+    head (patterns[l][h] == "a_shape", spec 3.1) raises its (n_init, n_local) the same way."""
     new, raised = [], np.zeros(np.shape(scores), bool)
     for l, row in enumerate(budgets):
         out = []
         for h, (v, s) in enumerate(row):
             if scores[l][h] < threshold and not (v >= cap and s >= cap):
-                # from the budget in effect: vLLM reads a vertical budget of 30 as 130 (spec 3.4)
-                v, s = (130 if v == 30 else v) + step_vertical, s + step_slash
+                # from the budget in effect: vLLM reads a vertical-slash budget of 30 as 130 (spec 3.4)
+                vs = not patterns or patterns[l][h] == PATTERN
+                v, s = (130 if v == 30 and vs else v) + step_vertical, s + step_slash
                 raised[l, h] = True
             out.append((int(v), int(s)))
         new.append(tuple(out))
     return tuple(new), raised
 
 
-def qwen_entries(budgets, scores, head_offset: int = 0) -> list[dict]:
-    """Spec 3.4's format: per layer {global head id: [pattern, vertical, slash, score]}."""
-    return [{str(head_offset + h): [PATTERN, int(v), int(s), round(float(scores[l][h]), 4)]
+def qwen_entries(budgets, scores, head_offset: int = 0, patterns=()) -> list[dict]:
+    """Spec 3.4's format: per layer {global head id: [pattern, vertical, slash, score]} (patterns: as in
+    SparseConfig, () = every head vertical_and_slash)."""
+    return [{str(head_offset + h): [patterns[l][h] if patterns else PATTERN, int(v), int(s),
+                                    round(float(scores[l][h]), 4)]
              for h, (v, s) in enumerate(row)} for l, row in enumerate(budgets)]
 
 
@@ -326,7 +331,7 @@ def refine(rc: RefineConfig, *, progress: bool = True, engine=None,
                     on_unit(r, i)
             scores = aggregate(stats, rc.aggregate)
             new, raised = raise_budgets(budgets, scores, rc.threshold, rc.step_vertical, rc.step_slash,
-                                        max(rc.lengths))
+                                        max(rc.lengths), start.patterns)
             state["history"].append({"round": r, "budgets": [list(map(list, row)) for row in budgets],
                                      "recall": scores.tolist(), "raised": int(raised.sum())})
             if not raised.any() or r + 1 >= rc.max_rounds:
@@ -336,7 +341,7 @@ def refine(rc: RefineConfig, *, progress: bool = True, engine=None,
     finally:
         bar.close()
     below = [[l, h] for l in range(L) for h in range(N) if scores[l, h] < rc.threshold]
-    _write_atomic(rc.out, qwen_entries(budgets, scores, start.head_offset))
+    _write_atomic(rc.out, qwen_entries(budgets, scores, start.head_offset, start.patterns))
     report = {"tool": "zenjax.refine", "args": rc.fingerprint(), "out": str(rc.out),
               "aggregate": ("mean recall over every valid query row of every piece of every calibration "
                             "sequence" if rc.aggregate == "mean" else
