@@ -178,13 +178,16 @@ class Qwen2(nnx.Module):
         return q3 * m, k * m
 
     def __call__(self, inp: StepInputs, cache: KVCache, *, impl: str, slot=None, logits_rows=None,
-                 sparse=None):
+                 sparse=None, recall_probe=None):
         """Run one step. slot=None: rows are the cache's batch rows (decode). slot=i (traced int):
         the single row of `inp` is cache row i (prefill of one slot among several).
 
         logits_rows: None -> logits for every token [B, T, V] (short inputs only); an int array [B] ->
         logits of that row of each sequence [B, V]. Returns (logits float32, new cache).
         sparse: a SparseConfig for a sparse prefill step (zenjax/attention/sparse.py), else None (dense).
+        recall_probe: (SparseConfig, list) for the refinement tool (zenjax/refine): attention stays dense,
+        and each layer also runs the dispatcher's sparse path with the probe's budgets on the same q/k/v and
+        appends its log recall lse_sparse - lse_dense [B, T, N] to the list (spec 3.6).
         """
         cfg = self.cfg
         B, T = inp.tokens.shape
@@ -206,8 +209,14 @@ class Qwen2(nnx.Module):
                                                                     new_k, new_v, new_ks, new_vs)
             meta = attn_lib.AttentionMeta(inp.q_start, inp.kv_len, cfg.dca,
                                           None if sparse is None else sparse.layer(l, cfg.rope_theta))
-            a = attn_lib.attention(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read,
-                                   mesh=mesh)
+            a, lse = attn_lib.attention_lse(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read,
+                                            mesh=mesh)
+            if recall_probe is not None:
+                probe, log_recall = recall_probe
+                pmeta = meta.replace(sparse=probe.layer(l, cfg.rope_theta))
+                _, lse_sparse = attn_lib.attention_lse(q, k_read, v_read, pmeta, impl=impl, k_scale=ks_read,
+                                                       v_scale=vs_read, mesh=mesh)
+                log_recall.append(lse_sparse - lse)
             x = constrain(x + output_projection(w, a.astype(x.dtype)), mesh, ACT_AXES)
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
             x = x + (moe_mlp(w, h, cfg.moe, mesh, blk.axes(cfg, l)) if cfg.is_moe_layer(l) else dense_mlp(w, h))

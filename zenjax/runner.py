@@ -21,7 +21,7 @@ and cached; the cache, sampler and decode state are donated and replaced by the 
 can dispatch the next call before it reads the previous one's tokens (JAX dispatch is asynchronous).
 
 Compiled shapes (the whole list; `compiled_shapes`): prefill [1, T] for T in the prefill buckets, the
-same with all-row logits (research use), decode [max_batch, 1] looped up to decode_block steps (ONE
+same with all-row logits (research use) and with recall probes (zenjax/refine only: per bucket and budget set), decode [max_batch, 1] looped up to decode_block steps (ONE
 compilation: the step count is a traced loop bound), and three tiny row updates.
 """
 from __future__ import annotations
@@ -134,6 +134,8 @@ class Runner:
                   "decode": (B, 1), "decode_block": self.decode_block}
         if self.sparse is not None:    # + per layer the estimator's top-k sizes (static, from the budgets)
             shapes["prefill_sparse"] = shapes["prefill"]
+        if self.trace_counts["prefill_probe"]:   # zenjax/refine used this runner: per bucket and budget set
+            shapes["prefill_probe"] = shapes["prefill"]
         return shapes
 
     # ---------------------------------------------------------------- jitted steps
@@ -150,6 +152,16 @@ class Runner:
             self.trace_counts["prefill_sparse"] += 1
             return nnx.merge(graphdef, state)(inp, cache, impl=impl, slot=slot, logits_rows=last_row,
                                               sparse=self.sparse)
+
+        def prefill_probe(state, cache, inp, slot, probe):
+            # zenjax/refine: a dense prefill step that also returns, per layer, the log recall of the
+            # probe's (static, hashable) budgets: [L, T, N] for the step's single row
+            self.trace_counts["prefill_probe"] += 1
+            log_recall: list = []
+            _, cache = nnx.merge(graphdef, state)(inp, cache, impl=impl, slot=slot,
+                                                  logits_rows=jnp.zeros((1,), jnp.int32),
+                                                  recall_probe=(probe, log_recall))
+            return jnp.stack(log_recall)[:, 0], cache
 
         def prefill_all(state, cache, inp, slot):
             self.trace_counts["prefill_all_logits"] += 1
@@ -209,6 +221,7 @@ class Runner:
         self._prefill = jax.jit(prefill, donate_argnums=(1,))
         self._prefill_sparse = jax.jit(prefill_sparse, donate_argnums=(1,))
         self._prefill_all = jax.jit(prefill_all, donate_argnums=(1,))
+        self._prefill_probe = jax.jit(prefill_probe, donate_argnums=(1,), static_argnums=(4,))
         self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
         self._sample_first = jax.jit(sample_first, donate_argnums=(0, 1))
         self._set_row = jax.jit(set_row, donate_argnums=(0, 1))
@@ -249,6 +262,14 @@ class Runner:
         inp = self._piece_inputs(ids, start, end, len(ids))
         logits, self.cache = self._prefill_all(self._state, self.cache, inp, jnp.int32(slot))
         return np.asarray(logits[0, : end - start])
+
+    def prefill_probe(self, slot: int, ids, start: int, end: int, probe) -> jax.Array:
+        """Refinement only (zenjax/refine): prefill ids[start:end] dense into row `slot` and return the log
+        recall of the SparseConfig `probe`'s budgets, [L, T, N] float32 (device; rows >= end - start are
+        padding). Compiles once per prefill bucket and budget set."""
+        inp = self._piece_inputs(ids, start, end, len(ids))
+        log_recall, self.cache = self._prefill_probe(self._state, self.cache, inp, jnp.int32(slot), probe)
+        return log_recall
 
     def sample_first(self, slot: int, logits) -> int:
         token, self.sampler, self.decode_state = self._sample_first(self.sampler, self.decode_state, logits,

@@ -17,6 +17,8 @@ one process (tests) do not collide; `start_http(port)` exposes it on 127.0.0.1 o
                                        status: OK, CANCELLED, DEADLINE_EXCEEDED, INVALID_REQUEST, QUEUE_FULL,
                                        UNAVAILABLE, UNAUTHENTICATED, INTERNAL)
     zenjax_malformed_requests_total{transport}  bodies that are not a valid message (bad protobuf/UTF-8/JSON)
+    zenjax_prefill_tokens_by_mode_total{mode}  prompt tokens prefilled sparse (vertical-slash) or dense: the
+                                       engine's stats() read at scrape time, less its warm-up (watch_engine)
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import sys
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -55,7 +58,14 @@ class Metrics:
         self.requests = Counter("zenjax_requests", "Finished requests", ["reason", "status"], registry=r)
         self.malformed = Counter("zenjax_malformed_requests", "Requests whose body is not a valid message",
                                  ["transport"], registry=r)
+        self._prefill_modes = _PrefillModes()
+        r.register(self._prefill_modes)
         self._http = None
+
+    def watch_engine(self, engine) -> None:
+        """Export engine.stats()' sparse / dense prefill tokens from now on (call after the warm-up)."""
+        if hasattr(engine, "stats"):
+            self._prefill_modes.base, self._prefill_modes.stats = dict(engine.stats()), engine.stats
 
     # called by the scheduler thread
     def prefill(self, tokens: int, seconds: float) -> None:
@@ -95,6 +105,23 @@ class Metrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class _PrefillModes:
+    """Collector of zenjax_prefill_tokens_by_mode_total: Engine.stats() counts, so the engine stays the one
+    place that knows which prompts were prefilled sparse."""
+
+    def __init__(self):
+        self.stats, self.base = None, {}
+
+    def collect(self):
+        fam = CounterMetricFamily("zenjax_prefill_tokens_by_mode", "Prompt tokens prefilled, by attention "
+                                  "mode (sparse: vertical-slash sparse prefill)", labels=["mode"])
+        now = self.stats() if self.stats is not None else {}
+        for mode in ("sparse", "dense"):
+            key = f"{mode}_prefill_tokens"
+            fam.add_metric([mode], now.get(key, 0) - self.base.get(key, 0))
+        yield fam
 
 
 class JsonFormatter(logging.Formatter):

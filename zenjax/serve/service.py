@@ -285,6 +285,7 @@ class Service:
                 self.engine.runner = LeaderRunner(self.engine.runner)
         t1 = time.monotonic()
         self.engine.warmup()       # compiles every prefill bucket and the decode call up front
+        self.metrics.watch_engine(self.engine)     # sparse / dense prefill token counter, warm-up excluded
         t2 = time.monotonic()
         self.load_s, self.warmup_s = round(t1 - t0, 3), round(t2 - t1, 3)
         self.limits = limits_for(int(self.engine.engine_config.max_model_len))
