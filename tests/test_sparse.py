@@ -395,7 +395,8 @@ def test_cli_sparse_flags(tmp_path, capsys):
 
 def test_auto_keeps_sparse_off_without_a_validated_sparse_path(tmp_path, capsys):
     """sparse="auto" (the default) turns sparse prefill on only for implementations whose sparse path is
-    validated: the reference (CPU); not cudnn (none) nor pallas (its kernel awaits a GPU run)."""
+    validated here: the reference (CPU); not cudnn (none) nor pallas off a Hopper GPU (its sparse path there
+    would be the O(T*S) reference)."""
     import shutil
     import zenjax
     from zenjax.attention import sparse_ready

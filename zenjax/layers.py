@@ -20,12 +20,13 @@ import jax.numpy as jnp
 from zenjax.fp8 import Fp8Weight
 
 
-# fp8 weights at decode size (<= 16 rows): "auto" uses the Pallas kernel pallas_kernels/fp8_matmul.py on a
-# single GPU (it streams e4m3 once; XLA writes a bf16 copy of the weight per step instead: 5.38 vs 4.98 ms
-# per 7B decode step with bf16 weights, H200 2026-12-02); "kernel" forces it (interpret mode on the CPU,
-# for tests); "xla" never uses it. Under a multi-device mesh the XLA path runs (a Pallas call is not
-# partitioned by GSPMD). Prefill-sized inputs are compute-bound and always take the XLA path.
-FP8_MATMUL = "auto"
+# fp8 weights at decode size (<= 16 rows): "kernel" runs the Pallas kernel pallas_kernels/fp8_matmul.py
+# (it streams e4m3 once; interpret mode on the CPU), "auto" uses it on a single GPU, "xla" never. The
+# default is "xla": measured on the H200 (2026-12-02, benchmarks/check_fp8_matmul.py, Qwen2.5-7B's
+# projections at 1 and 8 rows) the kernel took 45-66 us per matrix against 49-58 us for XLA's
+# `x @ w8.astype(bf16)` (gate/up 3584 x 18944: 55.7 vs 52.6 us, 1.2 TB/s of e4m3), so it does not yet pay.
+# Under a multi-device mesh only the XLA path runs (a Pallas call is not partitioned by GSPMD).
+FP8_MATMUL = "xla"
 
 
 def _flat_matmul_dims(eq: str, x_ndim: int, w_ndim: int):
@@ -81,7 +82,11 @@ def linear(eq: str, x, w, *, out_dtype=None):
 # JAX's Pallas ops (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu; Hopper, bf16/f16, K a multiple of 64
 # and N of 128; anything else falls back to ragged_dot). XLA's ragged_dot ran the Qwen1.5-MoE-A2.7B 32K
 # prefill at 7% of the matmul rate (5.2 s vs transformers' 0.695 s, H200 2026-12-02);
-# benchmarks/moe_fp8.py --grouped mgpu times the alternative.
+# benchmarks/moe_fp8.py --grouped mgpu times the alternative. H200 2026-12-02: one A2.7B projection (131072
+# routed rows, 60 experts, 2048 -> 1408) 2.02 ms vs 63.2 ms for ragged_dot (375 vs 12 TFLOP/s, identical
+# outputs); but the 24-layer prefill step with it did not finish compiling in 5 minutes (before its wrapper
+# was jitted, so each of the 72 call sites lowered its own 60-group kernel): not the default until an
+# end-to-end run.
 GROUPED_MATMUL = "xla"
 MGPU_RAGGED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
@@ -95,8 +100,14 @@ def _mgpu_ragged_dot(x, w, group_sizes):
     cfg = MGPU_RAGGED
     if x.shape[1] % cfg["block_k"] or w.shape[2] % (cfg["block_n"] * cfg["grid_block_n"]):
         return None
+    return _mgpu_ragged_dot_jit(x, w, group_sizes.astype(jnp.int32))
+
+
+@jax.jit
+def _mgpu_ragged_dot_jit(x, w, group_sizes):
+    """Jitted so that call sites of one shape share one lowering of the Mosaic kernel."""
     from jax.experimental.pallas.ops.gpu.ragged_dot_mgpu import ragged_dot
-    return ragged_dot(x, w, group_sizes=group_sizes.astype(jnp.int32), **cfg)
+    return ragged_dot(x, w, group_sizes=group_sizes, **MGPU_RAGGED)
 
 
 def grouped_linear(x, w, group_sizes, row_experts=None):

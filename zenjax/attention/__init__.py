@@ -58,9 +58,11 @@ def implementation(impl: str):
 
 
 def sparse_ready(impl: str) -> bool:
-    """Whether `impl` has a validated, memory-bounded sparse prefill path (its module's SPARSE_READY).
+    """Whether `impl` has a validated, memory-bounded sparse prefill path here (its module's SPARSE_READY,
+    a bool or a function of the machine: pallas's holds on Hopper GPUs only).
     The reference's is O(T*S) but it is the reference; cudnn has none."""
-    return bool(getattr(implementation(impl), "SPARSE_READY", False))
+    ready = getattr(implementation(impl), "SPARSE_READY", False)
+    return bool(ready() if callable(ready) else ready)
 
 
 def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None,
