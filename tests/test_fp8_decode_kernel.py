@@ -23,40 +23,31 @@ DCA = DCAConfig(chunk_size=64, local_size=16, original_max_position_embeddings=6
 S = 6 * 48 + 48                        # a multiple of the 16-key block (the engine's cache always is)
 
 
-@pytest.mark.parametrize("dca", [True, False], ids=["dca", "plain"])
-def test_fp8_decode_kernel_equals_kernel_on_dequantized_cache(dca):
-    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
-    B = 3
-    q = jax.random.normal(k1, ((3,) if dca else ()) + (B, 1, N, H), jnp.float32)
-    (k8, ks), (v8, vs) = (quantize_fp8(3.0 * jax.random.normal(kk, (B, S, K, H), jnp.float32)) for kk in (k2, k3))
-    assert k8.dtype == FP8 and ks.shape == (B, S, K)
-    q_start = jnp.array([7, 100, 290], jnp.int32)                   # chunks 0, 2, 6
-    kv_len = q_start + 1
-    chunk = DCA.chunk_len if dca else None
-    kw = dict(chunk_len=chunk, block_k=16, num_splits=3, interpret=True)
-    got, lse = dca_decode(q, k8, v8, q_start, kv_len, k_scale=ks, v_scale=vs, **kw)
-    ref, ref_lse = dca_decode(q, dequantize_fp8(k8, ks, jnp.float32), dequantize_fp8(v8, vs, jnp.float32),
-                              q_start, kv_len, **kw)
-    assert float(jnp.abs(got - ref).max()) <= 2e-5 and float(jnp.abs(lse - ref_lse).max()) <= 2e-5
-    # the scales matter (a kernel that ignored them would be far off)
-    raw, _ = dca_decode(q, k8.astype(jnp.float32), v8.astype(jnp.float32), q_start, kv_len, **kw)
-    assert float(jnp.abs(raw - ref).max()) > 1e-1
+# (kernel, q [.., B, T, N, H] shape, q_start, its keyword arguments): decode reads T = 1 query per row at
+# chunks 0, 2 and 6; prefill 21 rows (not a whole 16-row query tile) that straddle s = 48 (rows 40..60)
+KERNELS = {
+    "decode": (dca_decode, (3, 1), [7, 100, 290], dict(block_k=16, num_splits=3)),
+    "prefill": (dca_prefill, (2, 21), [40, 130], dict(block_q=16, block_k=16)),
+}
 
 
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 @pytest.mark.parametrize("dca", [True, False], ids=["dca", "plain"])
-def test_fp8_prefill_kernel_equals_kernel_on_dequantized_cache(dca):
-    k1, k2, k3 = jax.random.split(jax.random.key(8), 3)
-    B, T = 2, 21                                                     # not a whole 16-row query tile
+def test_fp8_kernel_equals_kernel_on_dequantized_cache(kernel, dca):
+    fn, (B, T), starts, kw = KERNELS[kernel]
+    k1, k2, k3 = jax.random.split(jax.random.key(7 + T), 3)
     q = jax.random.normal(k1, ((3,) if dca else ()) + (B, T, N, H), jnp.float32)
     (k8, ks), (v8, vs) = (quantize_fp8(3.0 * jax.random.normal(kk, (B, S, K, H), jnp.float32)) for kk in (k2, k3))
-    q_start = jnp.array([40, 130], jnp.int32)                        # rows 40..60 straddle s = 48
+    assert k8.dtype == FP8 and ks.shape == (B, S, K)
+    q_start = jnp.array(starts, jnp.int32)
     kv_len = q_start + T
-    kw = dict(chunk_len=DCA.chunk_len if dca else None, block_q=16, block_k=16, interpret=True)
-    got, lse = dca_prefill(q, k8, v8, q_start, kv_len, k_scale=ks, v_scale=vs, **kw)
-    ref, ref_lse = dca_prefill(q, dequantize_fp8(k8, ks, jnp.float32), dequantize_fp8(v8, vs, jnp.float32),
-                               q_start, kv_len, **kw)
+    kw = dict(kw, chunk_len=DCA.chunk_len if dca else None, interpret=True)
+    got, lse = fn(q, k8, v8, q_start, kv_len, k_scale=ks, v_scale=vs, **kw)
+    ref, ref_lse = fn(q, dequantize_fp8(k8, ks, jnp.float32), dequantize_fp8(v8, vs, jnp.float32),
+                      q_start, kv_len, **kw)
     assert float(jnp.abs(got - ref).max()) <= 2e-5 and float(jnp.abs(lse - ref_lse).max()) <= 2e-5
-    raw, _ = dca_prefill(q, k8.astype(jnp.float32), v8.astype(jnp.float32), q_start, kv_len, **kw)
+    # the scales matter (a kernel that ignored them would be far off)
+    raw, _ = fn(q, k8.astype(jnp.float32), v8.astype(jnp.float32), q_start, kv_len, **kw)
     assert float(jnp.abs(raw - ref).max()) > 1e-1
 
 
