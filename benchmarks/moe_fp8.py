@@ -104,7 +104,7 @@ def main(argv=None):
     info = {"device": jax.devices()[0].device_kind, "model": a.model, "weights": a.weights, "ceilings": warm,
             "grouped": a.grouped}
     out = dict(info, prefill=[], decode={})
-    name = f"moe_fp8_{a.model}_{a.weights}_{a.grouped}.json"
+    name = f"moe_fp8_{a.model}_{a.weights}{'' if a.grouped == 'xla' else '_' + a.grouped}.json"
     for b in [int(x) for x in a.batches.split(",")]:
         params = random_params(cfg)
         if a.weights == "fp8":
