@@ -198,3 +198,12 @@ def test_models_and_health(server, oa):
     import httpx
     r = httpx.get(server.http_url.removesuffix("/v1") + "/health")
     assert r.status_code == 200 and r.json() == {"status": "serving"}
+
+
+def test_usage_reports_prefix_reused_tokens_as_cached():
+    """OpenAI's usage.prompt_tokens_details.cached_tokens carries the scheduler's reused prompt tokens."""
+    from zenjax.serve.http_api import _usage
+    from zenjax.serve.scheduler import Finished, Usage
+    u = Usage(prompt_tokens=300, generated_tokens=5, ttft_s=0.1, queue_s=0.0, total_s=0.2, reused_tokens=256)
+    out = _usage(Finished(reason="stop", usage=u))
+    assert out["prompt_tokens_details"] == {"cached_tokens": 256} and out["total_tokens"] == 305

@@ -311,7 +311,9 @@ def _failed(ev: Failed) -> ServiceError:
 def _usage(ev: Finished) -> dict:
     u = ev.usage
     return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.generated_tokens,
-            "total_tokens": u.prompt_tokens + u.generated_tokens}
+            "total_tokens": u.prompt_tokens + u.generated_tokens,
+            # OpenAI's field for prompt tokens served from a cache: here the prefix-reused tokens
+            "prompt_tokens_details": {"cached_tokens": u.reused_tokens}}
 
 
 async def _sse(events: _AsyncEvents, first, req, watcher, head, kind, chat, body: _Common):
