@@ -92,6 +92,13 @@ def _token_times(eng, slot, prompt_len):
     return times
 
 
+
+def _paced(max_itl_ms):
+    """A fake clock, the scripted-cost engine on it, and a scheduler with this inter-token budget."""
+    clock = Clock()
+    eng = CostEngine(clock)
+    return clock, eng, Scheduler(eng, max_queue=4, max_itl_ms=max_itl_ms, clock=clock)
+
 def test_cost_bound_is_an_upper_bound_of_costs_of_the_assumed_form():
     cb = CostBound()
     assert cb.bound(64, 100) is None
@@ -121,9 +128,7 @@ def test_fit_recovers_costs_of_the_assumed_form_and_stays_non_negative():
 
 @pytest.mark.parametrize("budget_ms", [20.0, 40.0])
 def test_running_stream_gaps_stay_within_budget_while_a_long_prompt_prefills(budget_ms):
-    clock = Clock()
-    eng = CostEngine(clock)
-    sch = Scheduler(eng, max_queue=4, max_itl_ms=budget_ms, clock=clock)
+    clock, eng, sch = _paced(budget_ms)
     long, chat = _req("long", 4000, 2), _req("chat", 10, 200)
     sch.submit(long)
     sch.step()
@@ -159,9 +164,7 @@ def _drain(req):
 
 
 def test_without_running_streams_prefill_uses_the_largest_bucket():
-    clock = Clock()
-    eng = CostEngine(clock)
-    sch = Scheduler(eng, max_queue=4, max_itl_ms=20.0, clock=clock)
+    clock, eng, sch = _paced(20.0)
     long = _req("long", 1000, 1)
     sch.submit(long)
     _run(sch, lambda: long.done)
@@ -172,9 +175,7 @@ def test_without_running_streams_prefill_uses_the_largest_bucket():
 
 
 def test_long_prompt_never_starves_when_even_the_smallest_piece_exceeds_the_budget():
-    clock = Clock()
-    eng = CostEngine(clock)
-    sch = Scheduler(eng, max_queue=4, max_itl_ms=1.0, clock=clock)     # < any piece (>= 2.8 ms)
+    clock, eng, sch = _paced(1.0)     # < any piece (>= 2.8 ms)
     chat, long = _req("chat", 5, 10_000), _req("long", 600, 1)
     sch.submit(chat)
     sch.step()                                   # chat decoding; its first decode call is measured
@@ -191,9 +192,7 @@ def test_long_prompt_never_starves_when_even_the_smallest_piece_exceeds_the_budg
 
 
 def test_decode_block_length_fits_the_budget_when_nothing_prefills():
-    clock = Clock()
-    eng = CostEngine(clock)
-    sch = Scheduler(eng, max_queue=4, max_itl_ms=5.0, clock=clock)
+    clock, eng, sch = _paced(5.0)
     a = _req("a", 5, 200)
     sch.submit(a)
     for _ in range(6):
@@ -210,9 +209,7 @@ def test_decode_block_length_fits_the_budget_when_nothing_prefills():
 
 
 def test_budget_off_keeps_one_full_piece_per_iteration():
-    clock = Clock()
-    eng = CostEngine(clock)
-    sch = Scheduler(eng, max_queue=4, max_itl_ms=0, clock=clock)
+    clock, eng, sch = _paced(0)
     chat, long = _req("chat", 5, 50), _req("long", 1000, 1)
     sch.submit(chat)
     sch.step()
