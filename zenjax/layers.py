@@ -67,8 +67,8 @@ def linear(eq: str, x, w, *, out_dtype=None):
     out_dtype: accumulate into and return this dtype (the router asks for float32).
 
     fp8: (x @ values) * scale; every eq here ends with the weight's output subscripts, so the scale
-    [out...] broadcasts over the result's trailing dims. Decode-sized inputs on one GPU go through the
-    Pallas fp8 kernel (FP8_MATMUL)."""
+    [out...] broadcasts over the result's trailing dims. FP8_MATMUL may route decode-sized inputs
+    through the Pallas fp8 kernel (off by default)."""
     if isinstance(w, Fp8Weight):
         y = _fp8_kernel_linear(eq, x, w, out_dtype)
         if y is not None:

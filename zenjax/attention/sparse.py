@@ -59,12 +59,7 @@ class SparseIndices:
     slash: jax.Array         # [B, N, D] int32 distances d = query position - key position
 
 
-def _rotate_const(x, pos: int, theta: float):
-    """x [n, N, H] rotated by the constant position `pos` (apply_rope wants [B, T, heads, H])."""
-    return apply_rope(x[None], jnp.full((1, x.shape[0]), pos, jnp.int32), theta)[0]
-
-
-# How `_topk` selects (static; benchmarks/sparse_estimator.py times both on the GPU):
+# How `_topk` selects (static; benchmarks/sparse_kernel.py times both on the GPU):
 #   "sort"   lax.top_k, then the ids sorted ascending.
 #   "radix"  an exact radix select: the k-th largest score found bit by bit on order-preserving int32
 #            keys (32 counting passes over [N, S]), ties at the k-th value taken lowest id first (as
@@ -178,7 +173,7 @@ def _estimate_row(q_rows, k, row_pos, row_ok, q_start, kv_len, *, layer, dca, gr
     v_ids, s_ids = _static_heads(v_ids, s_ids, layer, kv_len)
     if dca is not None:
         v_ids = jnp.concatenate([v_ids, _fallback(v_ids, s_ids, q_start, kv_len, dca)], axis=-1)
-    return _sorted_unique(v_ids), jnp.sort(s_ids, axis=-1)
+    return _sorted_unique(v_ids), s_ids                           # _topk / _static_heads give ascending ids
 
 
 def _static_heads(v_ids, s_ids, layer, kv_len):
