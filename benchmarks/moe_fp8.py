@@ -52,6 +52,19 @@ def check_grouped(M: int = 131072, E: int = 60, D: int = 2048, F: int = 1408) ->
     flops = 2 * M * D * F
     row = {"rows": M, "experts": E, "rel_mgpu_vs_xla": rel, **{f"{m}_ms": round(t * 1e3, 2) for m, (_, t) in out.items()},
            **{f"{m}_tflops": round(flops / t / 1e12, 1) for m, (_, t) in out.items()}}
+    # compile time of one call site vs 24 (a model's layers): is the Mosaic kernel lowered once per call site?
+    import time
+    layers.GROUPED_MATMUL = "mgpu"
+    for n in (1, 24):
+        def many(x, w, s, n=n):
+            acc = x[:, :1].astype(jnp.float32)
+            for i in range(n):
+                acc = acc + layers.grouped_linear(x + i, w, s)[:, :1].astype(jnp.float32)
+            return acc
+        t0 = time.perf_counter()
+        jax.jit(many).lower(x, w, sizes).compile()
+        row[f"compile_s_{n}_sites"] = round(time.perf_counter() - t0, 1)
+    layers.GROUPED_MATMUL = mode
     print("grouped matmul check", row, flush=True)
     return row
 
@@ -83,12 +96,16 @@ def main(argv=None):
     ap.add_argument("--attention", default="cudnn")
     ap.add_argument("--grouped", choices=("xla", "mgpu"), default="xla",
                     help="expert matmul: jax.lax.ragged_dot or JAX's Mosaic GPU ragged dot (zenjax.layers)")
+    ap.add_argument("--fp8-matmul", choices=("xla", "kernel", "auto", "w8a8"), default=None,
+                    help="zenjax.layers.FP8_MATMUL for --weights fp8 (default: the library's)")
     ap.add_argument("--check", action="store_true", help="first compare one MoE layer's grouped matmul "
                     "(mgpu vs ragged_dot) on random routed rows")
     ap.add_argument("--smoke", action="store_true")
     a = ap.parse_args(argv)
     from zenjax import layers
     layers.GROUPED_MATMUL = a.grouped
+    if a.fp8_matmul:
+        layers.FP8_MATMUL = a.fp8_matmul
     if a.check:
         check_grouped()
     from benchmarks.common import QWEN25_7B_1M, SMOKE
@@ -102,9 +119,10 @@ def main(argv=None):
     lengths = [int(x) for x in a.lengths.split(",")]
     contexts = [int(x) for x in a.contexts.split(",")]
     info = {"device": jax.devices()[0].device_kind, "model": a.model, "weights": a.weights, "ceilings": warm,
-            "grouped": a.grouped}
+            "grouped": a.grouped, "fp8_matmul": layers.FP8_MATMUL}
     out = dict(info, prefill=[], decode={})
-    name = f"moe_fp8_{a.model}_{a.weights}{'' if a.grouped == 'xla' else '_' + a.grouped}.json"
+    name = (f"moe_fp8_{a.model}_{a.weights}{'' if a.grouped == 'xla' else '_' + a.grouped}"
+            f"{'' if a.fp8_matmul is None else '_' + a.fp8_matmul}.json")
     for b in [int(x) for x in a.batches.split(",")]:
         params = random_params(cfg)
         if a.weights == "fp8":

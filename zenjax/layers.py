@@ -26,7 +26,15 @@ from zenjax.fp8 import Fp8Weight
 # projections at 1 and 8 rows) the kernel took 45-66 us per matrix against 49-58 us for XLA's
 # `x @ w8.astype(bf16)` (gate/up 3584 x 18944: 55.7 vs 52.6 us, 1.2 TB/s of e4m3), so it does not yet pay.
 # Under a multi-device mesh only the XLA path runs (a Pallas call is not partitioned by GSPMD).
+#
+# "w8a8" runs the product on fp8 tensor cores (Hopper): each activation row is quantized to e4m3 with its
+# own scale (max |x| / 448, vLLM's dynamic per-token fp8), the e4m3 x e4m3 dot accumulates in float32
+# (XLA lowers it to cuBLASLt's fp8 GEMM), and the row and channel scales multiply the result. It reads
+# 1 byte per weight at every size, at the price of rounding the activations too (error model:
+# tests/test_fp8_weights.py: logits error 0.06-0.15 relative on the fixtures vs 0.04-0.11 weight-only).
+# The mode is read when a step is traced: set it before the first engine is built.
 FP8_MATMUL = "xla"
+FP8_MATMUL_MODES = ("xla", "kernel", "auto", "w8a8")
 
 
 def _flat_matmul_dims(eq: str, x_ndim: int, w_ndim: int):
@@ -62,6 +70,25 @@ def _fp8_kernel_linear(eq, x, w, out_dtype):
     return y.reshape(batch + out_shape)
 
 
+def _w8a8_linear(eq, x, w, out_dtype):
+    """x quantized per row to e4m3, times the e4m3 weight on fp8 tensor cores, both scales applied after
+    the float32 accumulation: y[m, n] = (x8[m] . q[:, n]) * sx[m] * s[n]. None where eq is not a plain
+    [M, K] x [K, N] product."""
+    import math
+    nc = _flat_matmul_dims(eq, x.ndim, w.values.ndim)
+    if nc is None or w.scale.shape != w.values.shape[nc:]:
+        return None
+    batch, out_shape = x.shape[:x.ndim - nc], w.values.shape[nc:]
+    M, Kd, Nd = math.prod(batch), math.prod(w.values.shape[:nc]), math.prod(out_shape)
+    xf = x.reshape(M, Kd).astype(jnp.float32)
+    sx = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True), 1e-30) / 448.0          # [M, 1]
+    x8 = (xf / sx).astype(jnp.float8_e4m3fn)
+    y = jax.lax.dot_general(x8, w.values.reshape(Kd, Nd), (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    y = y * sx * w.scale.reshape(1, Nd)
+    return y.astype(out_dtype or x.dtype).reshape(batch + out_shape)
+
+
 def linear(eq: str, x, w, *, out_dtype=None):
     """x times weight w as the einsum `eq` (x's subscripts first), e.g. "btd,dnh->btnh" for wq.
     out_dtype: accumulate into and return this dtype (the router asks for float32).
@@ -70,7 +97,7 @@ def linear(eq: str, x, w, *, out_dtype=None):
     [out...] broadcasts over the result's trailing dims. FP8_MATMUL may route decode-sized inputs
     through the Pallas fp8 kernel (off by default)."""
     if isinstance(w, Fp8Weight):
-        y = _fp8_kernel_linear(eq, x, w, out_dtype)
+        y = _w8a8_linear(eq, x, w, out_dtype) if FP8_MATMUL == "w8a8" else _fp8_kernel_linear(eq, x, w, out_dtype)
         if y is not None:
             return y
         y = jnp.einsum(eq, x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
