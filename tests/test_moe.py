@@ -156,10 +156,12 @@ def dense_reference(h, router, wg, wu, wd, k, norm):
     return out, idx
 
 
+@pytest.mark.parametrize("gather", [False, True])
 @pytest.mark.parametrize("M,E,k,norm", [(1, 8, 2, False), (13, 6, 3, True), (40, 60, 4, False)])
-def test_routed_experts_equal_dense_reference(M, E, k, norm):
-    """ragged_dot over expert-sorted rows == the per-token loop, including experts that get no rows
-    (M=1: 2 of 8 used) and A2.7B's 60 experts top-4. Bound: float32 vs float64, dot products of
+def test_routed_experts_equal_dense_reference(M, E, k, norm, gather):
+    """ragged_dot over expert-sorted rows, and the decode path that gathers each assignment's expert
+    weights, == the per-token loop, including experts that get no rows (M=1: 2 of 8 used) and A2.7B's 60
+    experts top-4. Bound: float32 vs float64, dot products of
     n = max(D, F) = 24 terms: |err| <= 3 n u sum|terms| per stage; inputs O(1) -> 1e-5 relative."""
     rng = np.random.default_rng(M)
     D, F = 16, 24
@@ -172,7 +174,7 @@ def test_routed_experts_equal_dense_reference(M, E, k, norm):
     np.testing.assert_array_equal(np.asarray(experts), want_idx)
     if norm:
         np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
-    got = jax.jit(routed_experts)(h, weights, experts, wg, wu, wd)
+    got = jax.jit(lambda *a: routed_experts(*a, gather=gather))(h, weights, experts, wg, wu, wd)
     assert got.shape == (M, D)
     assert rel(np.asarray(got), want) <= 1e-5
 
