@@ -127,7 +127,9 @@ def main(argv=None):
         params = random_params(cfg)
         if a.weights == "fp8":
             params = to_fp8(cfg, params)
-        max_len = max(max(lengths) + 256, max(contexts) + 64)
+        # batch 1 also measures TTFT, so its cache holds the longest prompt; a batch of b slots holds only
+        # the decode contexts (b x 32K slots of A2.7B's 16 kv heads ran out of memory)
+        max_len = max((max(lengths) + 256) if b == 1 else 0, max(contexts) + 64)
         engine = prefill.make_engine(cfg, params, max_len, a.chunk, attention, "bfloat16", b)
         del params
         if b == 1:
