@@ -126,6 +126,60 @@ def test_fit_recovers_costs_of_the_assumed_form_and_stays_non_negative():
     assert np.all(c >= 0) and c[1] == 0 and c[0] == pytest.approx(2.0)
 
 
+def test_worked_example_of_the_per_size_fit():
+    # zenjax/serve/pacing.py: two 256-token pieces give the fit 7 ms + 5e-5 ms * E for that size
+    cb = CostBound()
+    cb.add(256, 100_000, 12.0)
+    cb.add(256, 120_000, 13.0)
+    assert cb.fitted_sizes() == (256,)
+    assert cb.bound(256, 140_000) == pytest.approx(FIT_MARGIN * 14.0)
+    assert cb.bound(2048, 140_000) == pytest.approx(8 * FIT_MARGIN * 14.0)
+
+
+GRID_A = {16: 0.2, 64: 0.1, 256: 0.05}        # per-token matmul ms: small pieces less efficient
+
+
+def grid_ms(bucket, end):
+    """A cost of the assumed form with per-size efficiency: 2 + B * (a_B + 1e-5 * E), a_B falling with B."""
+    return 2 + bucket * (GRID_A[bucket] + 1e-5 * end)
+
+
+def test_per_size_fits_are_exact_within_the_margin_where_one_global_fit_underestimates():
+    import numpy as np
+    from zenjax.serve.pacing import fit_nonnegative
+    cb = CostBound()
+    samples = [(B, E) for E in (500, 2000, 3500) for B in GRID_A]
+    for B, E in samples:
+        cb.add(B, E, grid_ms(B, E))
+    assert cb.fitted_sizes() == (16, 64, 256)
+    # every measured size, at contexts far from its samples: the fit at that size is exact (the cost is
+    # c0_B + b_B * E at fixed B), so the estimate is in [truth, FIT_MARGIN x truth] (1e-9: float rounding)
+    for B in GRID_A:
+        for E in (100, 4000, 20_000, 90_000):
+            t = grid_ms(B, E)
+            assert t * (1 - 1e-9) <= cb.bound(B, E) <= FIT_MARGIN * t * (1 + 1e-9), (B, E)
+    # the global c0 + B * (a + b * E) fitted to the same samples underestimates a size by more than the
+    # margin (what the old CostBound used: that 64-token piece would have overrun its budget)
+    data = np.array([(B, E, grid_ms(B, E)) for B, E in samples])
+    c0, a, b = fit_nonnegative(np.stack([np.ones(len(data)), data[:, 0], data[:, 0] * data[:, 1]], 1), data[:, 2])
+    assert FIT_MARGIN * (c0 + 64 * (a + b * 100)) < grid_ms(64, 100)
+
+
+def test_a_size_without_its_own_fit_is_never_guessed_below_what_linear_growth_proves():
+    cb = CostBound()
+    for B, E in [(256, 500), (256, 3000), (64, 1000), (64, 2500)]:
+        cb.add(B, E, grid_ms(B, E))
+    # 16 never measured: FIT_MARGIN x the global fit, raised to >= FIT_MARGIN x (16 / 64) x fit_64, the
+    # least a 16-token piece can cost if t(64) <= 4 t(16) (the assumption), and never above the bound from
+    # the larger sizes (monotone in size)
+    for E in (100, 3000, 50_000):
+        est = cb.bound(16, E)
+        assert FIT_MARGIN * grid_ms(64, E) / 4 * (1 - 1e-9) <= est <= FIT_MARGIN * grid_ms(64, E) * (1 + 1e-9)
+    cb.add(16, 1000, grid_ms(16, 1000))
+    cb.add(16, 2000, grid_ms(16, 2000))       # measured at two contexts: its own fit, exact
+    assert cb.bound(16, 50_000) == pytest.approx(FIT_MARGIN * grid_ms(16, 50_000), rel=1e-9)
+
+
 @pytest.mark.parametrize("budget_ms", [20.0, 40.0])
 def test_running_stream_gaps_stay_within_budget_while_a_long_prompt_prefills(budget_ms):
     clock, eng, sch = _paced(budget_ms)

@@ -4,22 +4,35 @@ times of recent ones, so the scheduler can keep the gap between decode calls wit
 The bound is an upper bound under one assumption about the cost t(size, context) of a step: it never
 decreases when size or context grows, and grows at most linearly in each, i.e. for lam >= 1
     t(lam * size, context) <= lam * t(size, context)   and   t(size, lam * context) <= lam * t(size, context).
-Every cost of the form c0 + size * (a + b * context) with c0, a, b >= 0 satisfies it: c0 covers the
-per-call cost (reading the weights once, dispatch), a the per-token matmuls, b attention over the
-keys (a prefill piece of B rows ending at position E reads E keys per row; a decode call of n steps over
-slots holding C tokens in all reads about C keys per step). Then ONE measured sample (B_s, E_s, t_s)
-bounds every other step:
+Every cost c0 + size * (a_size + b * context) with c0, b >= 0 and size * a_size non-decreasing, a_size
+non-increasing in size satisfies it: c0 covers the per-call cost (reading the weights once, dispatch),
+a_size the per-token matmuls (on a GPU a 256-row matmul is far less efficient per row than an 8192-row
+one, so a_size falls with size), b attention over the keys (a prefill piece of B rows ending at position
+E reads E keys per row; a decode call of n steps over slots holding C tokens in all reads about C keys
+per step). Then ONE measured sample (B_s, E_s, t_s) bounds every other step:
     t(B, E) <= t(max(B, B_s), max(E, E_s)) <= t_s * max(1, B / B_s) * max(1, E / E_s)
 and the bound kept is the smallest over a window of recent samples (so a slow outlier is forgotten and
-a sample at nearly the same size and context gives an almost exact figure). A larger bucket never
-measured is bounded by scaling a smaller one linearly: pessimistic by its fixed cost c0 (at the 7B shape
-c0 ~ 3 ms of weight reads, so a 2048-token piece bounded from a 256-token one is overestimated by ~20 ms,
-enough to keep the scheduler on small pieces for good). So once the window holds samples at two sizes
-and two contexts, the three coefficients are also fitted (non-negative least squares) and the estimate
-is min(bound, FIT_MARGIN x fit): exact for a cost of that form, the margin covering timing noise.
-
+a sample at nearly the same size and context gives an almost exact figure). Scaling in context is very
+pessimistic where the matmuls dominate (a piece at twice the context is bounded by twice its time), so
+for every size with samples at >= 2 distinct contexts in the window the cost at that size is also fitted
+as t = c0_s + b_s * context (non-negative least squares: exact for the form above at fixed size, where
+c0_s = c0 + s * a_s and b_s = s * b), and a fitted size s gives the estimate FIT_MARGIN x fit_s(E) x
+max(1, B / s) for any size B (its own, exactly; a smaller one by monotonicity; a larger one by linear
+scaling). The estimate is the smallest of the sample bound and those. A size never measured is bounded from the sizes that
+were, pessimistically when they are smaller (by the larger size's better efficiency and by c0), and not
+at all from larger ones, so without more a smaller bucket would never run while a stream decodes and the
+end of every gap would be wasted. So a size without its own fit (no sample in the window, or samples at one context only:
+e.g. a chat's 10-token prompt, whose sample at context 10 scales to nothing useful at 4000) also gets
+FIT_MARGIN x a global fit c0 + size * (a + b * context) over all samples (when they span >= 2 sizes and
+>= 2 contexts), raised to at least what linear growth proves of it: t(B, E) >= (B / s) * t(s, E) for a
+fitted larger size s. The global fit alone would underestimate a less efficient small size (it averages
+the sizes' per-token costs); the floor limits that, and pieces of that size soon measured at two
+contexts replace the guess by its own fit. Sizes with their own fit never use the global one.
 Worked example: a 256-token piece ending at 100,000 took 12 ms. A 2048-token piece ending at 102,048 is
-bounded by 12 * 8 * 1.0205 = 98 ms; a 256-token piece ending at 110,000 by 12 * 1.1 = 13.2 ms.
+bounded by 12 * 8 * 1.0205 = 98 ms; a 256-token piece ending at 110,000 by 12 * 1.1 = 13.2 ms. Once a
+second 256-token piece, ending at 120,000, took 13 ms, the fit for 256 is 7 ms + 5e-5 ms * E, so one
+ending at 140,000 is estimated at 1.05 * 14 = 14.7 ms (the sample bound says 13 * 140 / 120 = 15.2) and
+the 2048-token piece ending at 140,000 at 8 * 14.7 = 118 ms until a 2048-token piece is measured.
 """
 from __future__ import annotations
 
@@ -47,22 +60,33 @@ def fit_nonnegative(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 class CostBound:
-    """Estimate (upper bound, tightened by a fit) of a step's seconds from a window of measured
+    """Estimate (upper bound, tightened by per-size fits) of a step's seconds from a window of measured
     (size, context, seconds) samples; see the module docstring."""
 
     def __init__(self, window: int = 32):
         self._samples: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=window)
-        self._coef: np.ndarray | None = None          # (c0, a, b) when the window identifies them
+        self._fits: dict[int, tuple[float, float]] = {}     # size -> (c0_s, b_s), where identified
+        self._coef: np.ndarray | None = None                 # global (c0, a, b), for unmeasured sizes
 
     def add(self, size: int, context: int, seconds: float) -> None:
-        self._samples.append((max(1, int(size)), max(1, int(context)), max(0.0, float(seconds))))
-        sizes = {s for s, _, _ in self._samples}
-        contexts = {c for _, c, _ in self._samples}
+        sample = (max(1, int(size)), max(1, int(context)), max(0.0, float(seconds)))
+        full = len(self._samples) == self._samples.maxlen
+        changed = {sample[0]} | ({self._samples[0][0]} if full else set())   # the added and the evicted size
+        self._samples.append(sample)
+        for s in changed:
+            self._refit(s)
+        data = np.asarray(self._samples, np.float64)
+        s, c, t = data[:, 0], data[:, 1], data[:, 2]
         self._coef = None
-        if len(sizes) >= 2 and len(contexts) >= 2:
-            data = np.asarray(self._samples, np.float64)
-            s, c, t = data[:, 0], data[:, 1], data[:, 2]
+        if len(np.unique(s)) >= 2 and len(np.unique(c)) >= 2:
             self._coef = fit_nonnegative(np.stack([np.ones_like(s), s, s * c], axis=1), t)
+
+    def _refit(self, size: int) -> None:
+        own = np.asarray([(c, t) for s, c, t in self._samples if s == size], np.float64).reshape(-1, 2)
+        self._fits.pop(size, None)
+        if len(np.unique(own[:, 0])) >= 2:
+            c0, b = fit_nonnegative(np.stack([np.ones(len(own)), own[:, 0]], axis=1), own[:, 1])
+            self._fits[size] = (float(c0), float(b))
 
     def bound(self, size: int, context: int) -> float | None:
         """Seconds a step of this size and context takes (module docstring); None: no sample yet."""
@@ -70,10 +94,18 @@ class CostBound:
             return None
         size, context = max(1, int(size)), max(1, int(context))
         upper = min(t * max(1.0, size / s) * max(1.0, context / c) for s, c, t in self._samples)
-        if self._coef is None:
-            return upper
-        c0, a, b = self._coef
-        return min(upper, FIT_MARGIN * (c0 + size * (a + b * context)))
+        for s, (c0, b) in self._fits.items():
+            upper = min(upper, FIT_MARGIN * (c0 + b * context) * max(1.0, size / s))
+        if self._coef is not None and size not in self._fits:
+            c0, a, b = self._coef
+            floor = max((FIT_MARGIN * (c0s + bs * context) * size / s
+                         for s, (c0s, bs) in self._fits.items() if s > size), default=0.0)
+            upper = min(upper, max(FIT_MARGIN * (c0 + size * (a + b * context)), floor))
+        return upper
+
+    def fitted_sizes(self) -> tuple[int, ...]:
+        """Sizes with a fit (samples at >= 2 contexts in the window), for tests and logs."""
+        return tuple(sorted(self._fits))
 
     def __len__(self) -> int:
         return len(self._samples)
