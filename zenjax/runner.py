@@ -42,7 +42,10 @@ from zenjax.sampling import SamplerState, sample
 from zenjax.sharding import CACHE_AXES, sharding_for
 
 CACHE_ALIGN = 128         # cache slots are a multiple of the Mosaic GPU prefill kernel's key tile
-PREFILL_BUCKETS = (256, 2048, 8192)   # prefill step sizes below prefill_chunk (which is always one)
+# prefill step sizes below prefill_chunk (which is always one): powers of two, so while a stream decodes
+# the scheduler can take the largest piece that fits the inter-token budget (with only 256/2048/8192 a
+# gap that 8192 does not fit fell to 2048, and the rest of it to 256-token pieces)
+PREFILL_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
 DECODE_BLOCK = 16         # most decode steps one device call runs
 
 
@@ -50,8 +53,8 @@ def prefill_buckets(chunk: int, dca_chunk_len: int | None) -> tuple[int, ...]:
     """Prefill step sizes: PREFILL_BUCKETS below the cap, plus the cap = prefill_chunk, or the DCA chunk
     length s when that is smaller (pieces never cross a DCA boundary, so none is longer than s).
 
-    Examples: chunk 8192 -> (256, 2048, 8192); chunk 512 -> (256, 512); chunk 2048 with s = 1000 ->
-    (256, 1000)."""
+    Examples: chunk 8192 -> (256, 512, 1024, 2048, 4096, 8192); chunk 512 -> (256, 512); chunk 2048
+    with s = 1000 -> (256, 512, 1000)."""
     cap = chunk if dca_chunk_len is None else min(chunk, dca_chunk_len)
     return tuple(sorted({b for b in PREFILL_BUCKETS if b < cap} | {cap}))
 
