@@ -12,64 +12,7 @@ import threading
 import time
 
 from zenjax.config import EngineConfig, ModelConfig
-from zenjax.sequence import SlotView
-
-
-class _Seq:
-    def __init__(self, prompt_ids, params, reused=0):
-        self.prompt_ids, self.params = list(prompt_ids), params
-        self.prompt_len, self.prefilled, self.out, self.reused = len(prompt_ids), reused, [], reused
-
-    def append(self, token):
-        self.out.append(token)
-        return f"<{token}>", ("length" if len(self.out) >= self.params.max_new_tokens else None)
-
-
-class SlotQueries:
-    """The engine's scheduler-facing queries over `self.seqs` (slot -> _Seq), shared by the doubles:
-    slot_state, append_token, next_piece (pieces of <= prefill_chunk / max_tokens tokens, buckets =
-    prefill_buckets), and prefix reuse of released slots (`held`: equal tokens only, no DCA)."""
-
-    prefill_buckets = (4,)
-
-    def slot_state(self, slot):
-        q = self.seqs[slot]
-        done = q.prefilled >= q.prompt_len
-        return SlotView(prompt_len=q.prompt_len, prefilled=q.prefilled, reused=q.reused,
-                        decoding=done and bool(q.out), cached=q.prefilled + max(0, len(q.out) - 1))
-
-    def append_token(self, slot, token):
-        return self.seqs[slot].append(token)
-
-    def next_piece(self, slot, max_tokens=None):
-        q = self.seqs[slot]
-        limit = self.engine_config.prefill_chunk if max_tokens is None else min(max_tokens,
-                                                                               self.engine_config.prefill_chunk)
-        end = min(q.prefilled + limit, q.prompt_len)
-        return q.prefilled, end, next(b for b in sorted(self.prefill_buckets) + [end - q.prefilled]
-                                      if b >= end - q.prefilled)
-
-    def reusable(self, slot, ids, min_tokens):
-        held = getattr(self, "held", {}).get(slot)
-        if held is None or slot in self.seqs:
-            return 0
-        n = 0
-        while n < min(len(held), len(ids) - 1) and held[n] == ids[n]:
-            n += 1
-        return n if n >= min_tokens else 0
-
-    def _start_seq(self, slot, ids, params, reuse_min):
-        reused = self.reusable(slot, ids, reuse_min) if reuse_min else 0
-        self.seqs[slot] = _Seq(ids, params, reused)
-        return self.seqs[slot]
-
-    def _release_seq(self, slot, keep):
-        q = self.seqs.pop(slot, None)
-        if not hasattr(self, "held"):
-            self.held = {}
-        self.held.pop(slot, None)
-        if q is not None and keep:
-            self.held[slot] = q.prompt_ids[: q.prefilled] + q.out[:-1]
+from zenjax.serve.fake_engine import SlotQueries, _Seq  # noqa: F401  (shared with the simulation)
 
 
 class PacedEngine(SlotQueries):

@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from serve_doubles import SlotQueries
-from zenjax.config import EngineConfig
 from zenjax.sampling import SamplingParams
+from zenjax.serve.fake_engine import Clock
+from zenjax.serve.fake_engine import CostEngine as _CostEngine
 from zenjax.serve.metrics import Metrics
 from zenjax.serve.pacing import FIT_MARGIN, CostBound
 from zenjax.serve.scheduler import Finished, Request, Scheduler
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
 
 
 def prefill_ms(bucket, end):
@@ -36,41 +28,10 @@ def decode_ms(n, cached):
     return 1 + n * (0.5 + 1e-4 * cached)
 
 
-class CostEngine(SlotQueries):
-    """Slot API double: each call advances `clock` by its scripted cost; logs (kind, start, end, bucket,
-    clock after) for prefill pieces and (kind, slots, n, clock after) for decode calls."""
-
-    prefill_buckets = (16, 64, 256)
-    decode_block = 16
-
-    def __init__(self, clock, max_batch=2):
-        self.max_batch, self.clock = max_batch, clock
-        self.engine_config = EngineConfig(max_model_len=100_000, prefill_chunk=256, max_batch=max_batch)
-        self.seqs, self.log = {}, []
-
-    def start(self, slot, ids, params, reuse_min=0):
-        return self._start_seq(slot, ids, params, reuse_min)
-
-    def prefill_next(self, slot, max_tokens=None):
-        q = self.seqs[slot]
-        start, end, bucket = self.next_piece(slot, max_tokens)
-        self.clock.t += prefill_ms(bucket, end) / 1000
-        q.prefilled = end
-        self.log.append(("prefill", slot, start, end, bucket, self.clock.t))
-        return q.prompt_len if end == q.prompt_len else None
-
-    def decode_steps(self, slots, n):
-        cached = sum(self.slot_state(s).cached for s in slots)
-        self.clock.t += decode_ms(n, cached) / 1000
-        out = {}
-        for s in slots:
-            q = self.seqs[s]
-            out[s] = [q.out[-1] + 1 + i for i in range(min(n, q.params.max_new_tokens - len(q.out)))]
-        self.log.append(("decode", tuple(slots), n, self.clock.t))
-        return out
-
-    def release(self, slot, keep=True):
-        self._release_seq(slot, keep)
+def CostEngine(clock, max_batch=2):
+    """The scripted-cost engine (zenjax/serve/fake_engine.py) with this module's costs and buckets."""
+    return _CostEngine(clock, lambda b, e: prefill_ms(b, e) / 1000, lambda n, c: decode_ms(n, c) / 1000,
+                       buckets=(16, 64, 256), prefill_chunk=256, max_batch=max_batch)
 
 
 def _req(name, n, max_new):
