@@ -30,14 +30,15 @@ seconds at 1M), so pieces are sized, not fixed:
         starves); left -= its measured time
     decode: n = 1 while a prompt prefills (the largest share of time for prefill: the long prompt's TTFT
         stays close to prefill alone); otherwise the largest n <= engine.decode_block whose bound fits
-        the budget (decode blocks are streams' gaps too)
+        what this iteration's prefill left of the budget (decode blocks are streams' gaps too)
 `bound` is pacing.CostBound: an upper bound on a step's time from recent measured ones (host wall clock
 of the call; the engine waits for each piece), valid for any cost c0 + size * (a + b * context) with
 non-negative coefficients, so nothing needs to be fitted or configured. When no stream decodes, a
 prompt prefills at full speed (one largest piece per iteration, as with the budget off).
 Worked example, budget 100 ms, decode step 8 ms, a 128K prompt prefilling while a chat decodes: at
 context 64K a 2048-token piece measured 60 ms, so each iteration runs one 2048 piece (2 x 60 > 92) and,
-with the 32 ms left, one 256 piece if its bound (~8 ms) fits, then one decode step: a token every ~100 ms.
+with the 32 ms left, the largest smaller piece whose bound fits (1024 if <= 32 ms, else 512, ...), then
+one decode step: a token every ~100 ms.
 At 1M context where even one 256 piece takes longer than the budget, each iteration runs that one piece
 and one decode step: the gap is one smallest piece (the best the compiled buckets allow).
 Round-robin over prefilling prompts bounds a newly admitted prompt's wait by one piece per other
@@ -194,6 +195,7 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.steps = 0                        # loop iterations that did engine work (for tests/logs)
+        self._prefill_spent = 0.0             # seconds of prefill pieces in this iteration so far
 
     # ---------------------------------------------------------------- called from other threads
     def submit(self, req: Request) -> None:
@@ -277,6 +279,7 @@ class Scheduler:
         """One iteration: reap, admit, prefill work (module docstring), one decode call."""
         self._reap()
         self._admit()
+        self._prefill_spent = 0.0
         worked = self._prefill_work()
         decoding = self._decoding()
         if decoding:
@@ -402,6 +405,7 @@ class Scheduler:
             self._abort(slot, "prefill", e)
             return self.clock() - t0
         dt = self.clock() - t0
+        self._prefill_spent += dt
         cost.add(bucket, end, dt)
         view = self.engine.slot_state(slot)
         if self.metrics is not None:
@@ -421,7 +425,8 @@ class Scheduler:
         cancellation, an admission or the next prefill piece waits at most one piece + one step), else
         engine.decode_block (16: ~180 ms at 11 ms/step, ~70 ms at 4.5 ms/step).
         Budget on: n = 1 while a prompt is prefilling; otherwise the largest n <= decode_block whose
-        bound fits the budget (1 before any decode call was measured).
+        bound fits what this iteration's prefill pieces left of the budget (1 before any decode call was
+        measured): the iteration that ran a prompt's last piece must not add a full block to that gap.
         Either way the device checks stop ids and max_new_tokens itself, so a finished slot wastes no steps."""
         block = int(getattr(self.engine, "decode_block", 1))
         prefilling = any(r is not None and not r.decoding for r in self._slots)
@@ -432,9 +437,10 @@ class Scheduler:
         if prefilling:
             return 1
         context = self._decode_context(slots)
+        left = self.max_itl_s - self._prefill_spent
         for n in range(block, 1, -1):
             bound = self.decode_cost.bound(n, context)
-            if bound is not None and bound <= self.max_itl_s:
+            if bound is not None and bound <= left:
                 return n
         return 1
 
