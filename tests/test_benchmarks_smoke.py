@@ -41,3 +41,11 @@ def test_serve_latency_smoke(tmp_path, monkeypatch):
     assert reuse["reused_tokens"] == reuse["document_tokens"] == 236 and reuse["greedy_equal_to_cold"] is True
     four = next(r for r in rows if r.get("case") == "4_streams")
     assert four["tokens"] == 4 * 8
+
+
+def test_pacing_sim_smoke(tmp_path, capsys):
+    """The CPU pacing simulation's entry point: every model x buckets x bound x chat start row."""
+    from benchmarks import pacing_sim
+    assert pacing_sim.main(["--long", "16384", "--out", str(tmp_path / "sim.json")]) == 0
+    rows = json.loads((tmp_path / "sim.json").read_text())
+    assert len(rows) == 2 * 2 * 2 * 2 and "ratio" in capsys.readouterr().out
