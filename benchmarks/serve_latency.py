@@ -10,7 +10,8 @@ Parts (each drives zenjax.serve.scheduler.Scheduler in this process, with the en
   itl     a `--long`-token prompt alone (TTFT), then the same length alongside a chat (200-token prompt,
           generating until the long prompt's first token): the chat's inter-token gaps p50/p99/max while
           the long prompt prefilled and the long prompt's TTFT, with max_itl_ms = --max-itl-ms and = 0
-          (unbounded: one full prefill piece per decode step)
+          (unbounded: one full prefill piece per decode step); `pieces`: the server's prefill steps by
+          bucket (zenjax_prefill_pieces_total; alongside, the chat's one 256 piece is among them)
   reuse   a document of --long - 64 tokens + a 32-token question: cold TTFT, then the same document with
           another question: TTFT with prefix reuse, and the greedy tokens of both ways compared with a
           cold run of the second prompt (they must be equal)
@@ -30,6 +31,7 @@ import time
 import numpy as np
 
 from zenjax.sampling import SamplingParams
+from zenjax.serve.metrics import Metrics
 from zenjax.serve.scheduler import Delta, Failed, Finished, Request, Scheduler
 
 
@@ -92,7 +94,7 @@ def pct(xs, q):
 
 
 def run_scheduler(engine, **kw) -> Scheduler:
-    sch = Scheduler(engine, max_queue=16, **kw)
+    sch = Scheduler(engine, max_queue=16, metrics=Metrics(), **kw)
     sch.start()
     return sch
 
@@ -114,7 +116,8 @@ def part_itl(engine, a) -> None:
     wait(rec)
     alone = rec.token_times()[0] - t0
     sch.stop()
-    emit(dict(part="itl", case="long_alone", prompt_tokens=a.long, ttft_s=round(alone, 3)))
+    emit(dict(part="itl", case="long_alone", prompt_tokens=a.long, ttft_s=round(alone, 3),
+              pieces=sch.metrics.piece_counts()))
     for budget in (a.max_itl_ms, 0.0):
         sch = run_scheduler(engine, max_itl_ms=budget)
         chat_req, chat = submit(sch, "chat", ids_of(200, 2, V), max_new_tokens=a.long, ignore_eos=True)
@@ -132,7 +135,7 @@ def part_itl(engine, a) -> None:
         emit(dict(part="itl", case="long_with_chat", max_itl_ms=budget, prompt_tokens=a.long,
                   ttft_s=round(t_first - t0, 3), ttft_vs_alone=round((t_first - t0) / alone, 3),
                   chat_tokens_during_prefill=len(times), itl_p50_ms=pct(gaps, 50), itl_p99_ms=pct(gaps, 99),
-                  itl_max_ms=round(max(gaps) * 1000, 2) if gaps else None))
+                  itl_max_ms=round(max(gaps) * 1000, 2) if gaps else None, pieces=sch.metrics.piece_counts()))
 
 
 def part_reuse(engine, a) -> None:

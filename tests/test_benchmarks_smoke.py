@@ -37,6 +37,10 @@ def test_serve_latency_smoke(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "serve_latency.json").read_text())
     cases = [(r["part"], r.get("case")) for r in rows]
     assert cases.count(("itl", "long_with_chat")) == 2 and ("server", "4_streams") in cases
+    # the server's prefill steps by bucket: the long prompt alone is 300 tokens in steps of at most the
+    # --tiny chunk (256), so at least two, none larger than 256
+    alone = next(r for r in rows if r.get("case") == "long_alone")
+    assert sum(alone["pieces"].values()) >= 2 and max(int(k) for k in alone["pieces"]) <= 256, alone
     reuse = next(r for r in rows if r["part"] == "reuse")
     assert reuse["reused_tokens"] == reuse["document_tokens"] == 236 and reuse["greedy_equal_to_cold"] is True
     four = next(r for r in rows if r.get("case") == "4_streams")

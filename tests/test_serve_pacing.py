@@ -262,5 +262,12 @@ def test_prefix_reuse_picks_the_slot_holding_the_prompt_and_reports_reused_token
     assert fin.usage.reused_tokens == 40 and second.reused == 40      # the document only: q1's tail differs
     assert [e for e in _drain(stranger) if isinstance(e, Finished)][0].usage.reused_tokens == 0
     assert metrics.registry.get_sample_value("zenjax_reused_prompt_tokens_total") == 40      # Prometheus
+    # every prefill step counted by its padded size (zenjax_prefill_pieces_total{bucket})
+    logged = {}
+    for e in eng.log:
+        if e[0] == "prefill":
+            logged[e[4]] = logged.get(e[4], 0) + 1
+    assert metrics.piece_counts() == logged
+    assert metrics.registry.get_sample_value("zenjax_prefill_pieces_total", {"bucket": "64"}) == logged[64]
     # the prefill started after the reused prefix
     assert [(e[2], e[3]) for e in eng.log if e[0] == "prefill" and e[1] == 0][-1] == (40, 42)

@@ -11,6 +11,8 @@ one process (tests) do not collide; `start_http(port)` exposes it on 127.0.0.1 o
     zenjax_inter_token_latency_seconds histogram, between consecutive tokens of one request
     zenjax_prefill_tokens_per_second   throughput of the last prefill chunk
     zenjax_prefill_tokens_total        counter
+    zenjax_prefill_pieces_total{bucket}  prefill steps by padded size (bucket): how the scheduler cut prompts
+                                       to keep running streams within --max-itl-ms
     zenjax_reused_prompt_tokens_total  prompt tokens taken from a slot's cache instead of prefilled (prefix reuse)
     zenjax_generated_tokens_total      counter
     zenjax_requests_total{reason,status}  finished requests (reason: stop|length|cancelled|error|rejected;
@@ -51,6 +53,8 @@ class Metrics:
         self.prefill_tps = Gauge("zenjax_prefill_tokens_per_second",
                                  "Prompt tokens per second of the last prefill chunk", registry=r)
         self.prefill_tokens = Counter("zenjax_prefill_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefill_pieces = Counter("zenjax_prefill_pieces", "Prefill steps, by padded step size",
+                                      ["bucket"], registry=r)
         self.reused_tokens = Counter("zenjax_reused_prompt_tokens",
                                      "Prompt tokens whose KV cache was reused from a slot's previous sequence",
                                      registry=r)
@@ -68,10 +72,17 @@ class Metrics:
             self._prefill_modes.base, self._prefill_modes.stats = dict(engine.stats()), engine.stats
 
     # called by the scheduler thread
-    def prefill(self, tokens: int, seconds: float) -> None:
+    def prefill(self, tokens: int, seconds: float, bucket: int | None = None) -> None:
         self.prefill_tokens.inc(tokens)
+        if bucket is not None:
+            self.prefill_pieces.labels(bucket=str(int(bucket))).inc()
         if seconds > 0:
             self.prefill_tps.set(tokens / seconds)
+
+    def piece_counts(self) -> dict[int, int]:
+        """zenjax_prefill_pieces_total as {bucket: steps} (benchmarks read it in-process)."""
+        return {int(smp.labels["bucket"]): int(smp.value) for fam in self.prefill_pieces.collect()
+                for smp in fam.samples if smp.name.endswith("_total")}
 
     def reused(self, tokens: int) -> None:
         self.reused_tokens.inc(tokens)

@@ -409,7 +409,7 @@ class Scheduler:
         cost.add(bucket, end, dt)
         view = self.engine.slot_state(slot)
         if self.metrics is not None:
-            self.metrics.prefill(view.prefilled - before, dt)
+            self.metrics.prefill(view.prefilled - before, dt, bucket)
         req.events.put(Progress(view.prefilled, view.prompt_len))
         if token is not None:
             req.t_first = time.monotonic()
