@@ -315,6 +315,21 @@ def test_request_id_and_stop_list_limits(server):
     assert counter(server, "INVALID_REQUEST") == 6
 
 
+def test_grpc_usage_reports_prefix_reused_tokens_as_cached():
+    """Usage.cached_prompt_tokens: the second request sharing a 40-token prefix with the first (whose slot
+    still holds it) reports exactly those 40 reused tokens; the first, cold, reports 0."""
+    server = start_server(max_batch=1, prefix_reuse_min=8)
+    doc = list(range(100, 140))
+    try:
+        with Client(f"127.0.0.1:{server.port}") as c:
+            usage = [list(c.stub.Generate(build_request(ids, max_new_tokens=2), timeout=WAIT))
+                     [-1].finished.usage for ids in (doc + [1, 2, 3], doc + [7, 8])]
+        assert [u.cached_prompt_tokens for u in usage] == [0, 40]
+        assert [u.prompt_tokens for u in usage] == [43, 42]      # cached tokens are part of the prompt's
+    finally:
+        server.drain(0)
+
+
 # ---------------------------------------------------------------- cancellation
 def test_deadline_is_counted_apart_from_cancel(server, logs):
     with Client(f"127.0.0.1:{server.port}") as c:

@@ -201,7 +201,8 @@ class InferenceServicer:
                     yield pb.GenerateResponse(request_id=rid, finished=pb.Finished(
                         reason=_FINISH[ev.reason], usage=pb.Usage(
                             prompt_tokens=u.prompt_tokens, generated_tokens=u.generated_tokens,
-                            time_to_first_token_s=u.ttft_s, queue_time_s=u.queue_s, total_time_s=u.total_s)))
+                            time_to_first_token_s=u.ttft_s, queue_time_s=u.queue_s, total_time_s=u.total_s,
+                            cached_prompt_tokens=u.reused_tokens)))
                     return
                 elif isinstance(ev, Failed):
                     context.abort(_GRPC_CODE[ev.code], ev.message)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zenjax/v1/zenjax.proto\x12\tzenjax.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.zenjax.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd2\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xbf\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.zenjax.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.zenjax.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.zenjax.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.zenjax.v1.PrefillProgressH\x00\x12&\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x15.zenjax.v1.TokenDeltaH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.zenjax.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"B\n\x0fPrefillProgress\x12\x18\n\x10prefilled_tokens\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\x83\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x04 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x05 \x01(\x01\"T\n\x08\x46inished\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.zenjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.zenjax.v1.Usage\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.zenjax.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\x86\x02\n\x11ModelArchitecture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x19\n\x11intermediate_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x11\n\tnum_heads\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nrope_theta\x18\t \x01(\x01\x12\x1f\n\x17max_position_embeddings\x18\n \x01(\r\x12\x1b\n\x13tie_word_embeddings\x18\x0b \x01(\x08\"y\n\x12\x44ualChunkAttention\x12\x12\n\nchunk_size\x18\x01 \x01(\r\x12\x12\n\nlocal_size\x18\x02 \x01(\r\x12(\n original_max_position_embeddings\x18\x03 \x01(\r\x12\x11\n\tchunk_len\x18\x04 \x01(\r\"0\n\rSparsePrefill\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06method\x18\x02 \x01(\t\"\x82\x01\n\x07KVCache\x12\x12\n\nallocation\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x17\n\x0ftokens_per_slot\x18\x03 \x01(\r\x12\x17\n\x0f\x62ytes_per_token\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xf0\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0ezenjax_version\x18\x02 \x01(\t\x12\x32\n\x0c\x61rchitecture\x18\x03 \x01(\x0b\x32\x1c.zenjax.v1.ModelArchitecture\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rprefill_chunk\x18\x05 \x01(\r\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x11\n\tmax_queue\x18\x07 \x01(\r\x12\x11\n\tattention\x18\x08 \x01(\t\x12*\n\x03\x64\x63\x61\x18\t \x01(\x0b\x32\x1d.zenjax.v1.DualChunkAttention\x12\x30\n\x0esparse_prefill\x18\n \x01(\x0b\x32\x18.zenjax.v1.SparsePrefill\x12$\n\x08kv_cache\x18\x0b \x01(\x0b\x32\x12.zenjax.v1.KVCache\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xaa\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.zenjax.v1.GenerateRequest\x1a\x1b.zenjax.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.zenjax.v1.TokenizeRequest\x1a\x1b.zenjax.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.zenjax.v1.DetokenizeRequest\x1a\x1d.zenjax.v1.DetokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.zenjax.v1.ModelInfoRequest\x1a\x1c.zenjax.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16zenjax/v1/zenjax.proto\x12\tzenjax.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.zenjax.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd2\x02\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\x0estop_token_ids\x18\t \x03(\x05\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\xbf\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.zenjax.v1.TokenIdsH\x00\x12\'\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x17.zenjax.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.zenjax.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x08\n\x06prompt\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12.\n\x08progress\x18\x02 \x01(\x0b\x32\x1a.zenjax.v1.PrefillProgressH\x00\x12&\n\x05\x64\x65lta\x18\x03 \x01(\x0b\x32\x15.zenjax.v1.TokenDeltaH\x00\x12\'\n\x08\x66inished\x18\x04 \x01(\x0b\x32\x13.zenjax.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"B\n\x0fPrefillProgress\x12\x18\n\x10prefilled_tokens\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\"\xa1\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12\x1d\n\x15time_to_first_token_s\x18\x03 \x01(\x01\x12\x14\n\x0cqueue_time_s\x18\x04 \x01(\x01\x12\x14\n\x0ctotal_time_s\x18\x05 \x01(\x01\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x06 \x01(\r\"T\n\x08\x46inished\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.zenjax.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.zenjax.v1.Usage\"T\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\'\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x17.zenjax.v1.ChatMessagesH\x00\x42\x08\n\x06prompt\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x12\n\x10ModelInfoRequest\"\x86\x02\n\x11ModelArchitecture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x19\n\x11intermediate_size\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x11\n\tnum_heads\x18\x06 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x07 \x01(\r\x12\x10\n\x08head_dim\x18\x08 \x01(\r\x12\x12\n\nrope_theta\x18\t \x01(\x01\x12\x1f\n\x17max_position_embeddings\x18\n \x01(\r\x12\x1b\n\x13tie_word_embeddings\x18\x0b \x01(\x08\"y\n\x12\x44ualChunkAttention\x12\x12\n\nchunk_size\x18\x01 \x01(\r\x12\x12\n\nlocal_size\x18\x02 \x01(\r\x12(\n original_max_position_embeddings\x18\x03 \x01(\r\x12\x11\n\tchunk_len\x18\x04 \x01(\r\"0\n\rSparsePrefill\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06method\x18\x02 \x01(\t\"\x82\x01\n\x07KVCache\x12\x12\n\nallocation\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\r\x12\x17\n\x0ftokens_per_slot\x18\x03 \x01(\r\x12\x17\n\x0f\x62ytes_per_token\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\"\xf0\x02\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0ezenjax_version\x18\x02 \x01(\t\x12\x32\n\x0c\x61rchitecture\x18\x03 \x01(\x0b\x32\x1c.zenjax.v1.ModelArchitecture\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rprefill_chunk\x18\x05 \x01(\r\x12\x11\n\tmax_batch\x18\x06 \x01(\r\x12\x11\n\tmax_queue\x18\x07 \x01(\r\x12\x11\n\tattention\x18\x08 \x01(\t\x12*\n\x03\x64\x63\x61\x18\t \x01(\x0b\x32\x1d.zenjax.v1.DualChunkAttention\x12\x30\n\x0esparse_prefill\x18\n \x01(\x0b\x32\x18.zenjax.v1.SparsePrefill\x12$\n\x08kv_cache\x18\x0b \x01(\x0b\x32\x12.zenjax.v1.KVCache\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xaa\x02\n\tInference\x12\x45\n\x08Generate\x12\x1a.zenjax.v1.GenerateRequest\x1a\x1b.zenjax.v1.GenerateResponse0\x01\x12\x43\n\x08Tokenize\x12\x1a.zenjax.v1.TokenizeRequest\x1a\x1b.zenjax.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.zenjax.v1.DetokenizeRequest\x1a\x1d.zenjax.v1.DetokenizeResponse\x12\x46\n\tModelInfo\x12\x1b.zenjax.v1.ModelInfoRequest\x1a\x1c.zenjax.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'zenjax.v1.zenjax_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2378
-  _globals['_FINISHREASON']._serialized_end=2502
+  _globals['_FINISHREASON']._serialized_start=2408
+  _globals['_FINISHREASON']._serialized_end=2532
   _globals['_CHATMESSAGE']._serialized_start=37
   _globals['_CHATMESSAGE']._serialized_end=81
   _globals['_CHATMESSAGES']._serialized_start=83
@@ -51,29 +51,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENDELTA']._serialized_start=948
   _globals['_TOKENDELTA']._serialized_end=993
   _globals['_USAGE']._serialized_start=996
-  _globals['_USAGE']._serialized_end=1127
-  _globals['_FINISHED']._serialized_start=1129
-  _globals['_FINISHED']._serialized_end=1213
-  _globals['_TOKENIZEREQUEST']._serialized_start=1215
-  _globals['_TOKENIZEREQUEST']._serialized_end=1299
-  _globals['_TOKENIZERESPONSE']._serialized_start=1301
-  _globals['_TOKENIZERESPONSE']._serialized_end=1338
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1340
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1378
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1380
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1414
-  _globals['_MODELINFOREQUEST']._serialized_start=1416
-  _globals['_MODELINFOREQUEST']._serialized_end=1434
-  _globals['_MODELARCHITECTURE']._serialized_start=1437
-  _globals['_MODELARCHITECTURE']._serialized_end=1699
-  _globals['_DUALCHUNKATTENTION']._serialized_start=1701
-  _globals['_DUALCHUNKATTENTION']._serialized_end=1822
-  _globals['_SPARSEPREFILL']._serialized_start=1824
-  _globals['_SPARSEPREFILL']._serialized_end=1872
-  _globals['_KVCACHE']._serialized_start=1875
-  _globals['_KVCACHE']._serialized_end=2005
-  _globals['_MODELINFORESPONSE']._serialized_start=2008
-  _globals['_MODELINFORESPONSE']._serialized_end=2376
-  _globals['_INFERENCE']._serialized_start=2505
-  _globals['_INFERENCE']._serialized_end=2803
+  _globals['_USAGE']._serialized_end=1157
+  _globals['_FINISHED']._serialized_start=1159
+  _globals['_FINISHED']._serialized_end=1243
+  _globals['_TOKENIZEREQUEST']._serialized_start=1245
+  _globals['_TOKENIZEREQUEST']._serialized_end=1329
+  _globals['_TOKENIZERESPONSE']._serialized_start=1331
+  _globals['_TOKENIZERESPONSE']._serialized_end=1368
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1370
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1408
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1410
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1444
+  _globals['_MODELINFOREQUEST']._serialized_start=1446
+  _globals['_MODELINFOREQUEST']._serialized_end=1464
+  _globals['_MODELARCHITECTURE']._serialized_start=1467
+  _globals['_MODELARCHITECTURE']._serialized_end=1729
+  _globals['_DUALCHUNKATTENTION']._serialized_start=1731
+  _globals['_DUALCHUNKATTENTION']._serialized_end=1852
+  _globals['_SPARSEPREFILL']._serialized_start=1854
+  _globals['_SPARSEPREFILL']._serialized_end=1902
+  _globals['_KVCACHE']._serialized_start=1905
+  _globals['_KVCACHE']._serialized_end=2035
+  _globals['_MODELINFORESPONSE']._serialized_start=2038
+  _globals['_MODELINFORESPONSE']._serialized_end=2406
+  _globals['_INFERENCE']._serialized_start=2535
+  _globals['_INFERENCE']._serialized_end=2833
 # @@protoc_insertion_point(module_scope)
