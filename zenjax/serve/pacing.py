@@ -12,22 +12,28 @@ E reads E keys per row; a decode call of n steps over slots holding C tokens in 
 per step). Then ONE measured sample (B_s, E_s, t_s) bounds every other step:
     t(B, E) <= t(max(B, B_s), max(E, E_s)) <= t_s * max(1, B / B_s) * max(1, E / E_s)
 and the bound kept is the smallest over a window of recent samples (so a slow outlier is forgotten and
-a sample at nearly the same size and context gives an almost exact figure). Scaling in context is very
-pessimistic where the matmuls dominate (a piece at twice the context is bounded by twice its time), so
-for every size with samples at >= 2 distinct contexts in the window the cost at that size is also fitted
-as t = c0_s + b_s * context (non-negative least squares: exact for the form above at fixed size, where
-c0_s = c0 + s * a_s and b_s = s * b), and a fitted size s gives the estimate FIT_MARGIN x fit_s(E) x
-max(1, B / s) for any size B (its own, exactly; a smaller one by monotonicity; a larger one by linear
-scaling). The estimate is the smallest of the sample bound and those. A size never measured is bounded from the sizes that
-were, pessimistically when they are smaller (by the larger size's better efficiency and by c0), and not
-at all from larger ones, so without more a smaller bucket would never run while a stream decodes and the
-end of every gap would be wasted. So a size without its own fit (no sample in the window, or samples at one context only:
-e.g. a chat's 10-token prompt, whose sample at context 10 scales to nothing useful at 4000) also gets
-FIT_MARGIN x a global fit c0 + size * (a + b * context) over all samples (when they span >= 2 sizes and
->= 2 contexts), raised to at least what linear growth proves of it: t(B, E) >= (B / s) * t(s, E) for a
-fitted larger size s. The global fit alone would underestimate a less efficient small size (it averages
-the sizes' per-token costs); the floor limits that, and pieces of that size soon measured at two
-contexts replace the guess by its own fit. Sizes with their own fit never use the global one.
+a sample at nearly the same size and context gives an almost exact figure).
+
+Per-size fits. Scaling in context is very pessimistic where the matmuls dominate (a piece at twice the
+context is bounded by twice its time), so for every size with samples at >= 2 distinct contexts in the
+window the cost at that size is also fitted as t = c0_s + b_s * context (non-negative least squares:
+exact for the form above at fixed size, where c0_s = c0 + s * a_s and b_s = s * b), and a fitted size s
+gives the estimate FIT_MARGIN x fit_s(E) x max(1, B / s) for any size B (its own, exactly; a smaller one
+by monotonicity; a larger one by linear scaling). The estimate is the smallest of the sample bound and
+those: an upper bound within FIT_MARGIN of the truth for a measured size.
+
+Sizes without their own fit (no sample in the window, or samples at one context only, e.g. a chat's
+10-token prompt, whose sample at context 10 scales to nothing useful at 4000): the above bounds them
+from the sizes that were measured, pessimistically from smaller ones (by the larger size's better
+efficiency and by c0) and not at all from larger ones, so a smaller bucket would never run while a
+stream decodes and the end of every gap would be wasted. So they also get FIT_MARGIN x a global fit
+c0 + size * (a + b * context) over all samples (when these span >= 2 sizes and >= 2 contexts), raised to
+at least FIT_MARGIN x what linear growth proves of them: t(B, E) >= (B / s) * t(s, E) for a fitted larger
+size s. This guess is not an upper bound: the global fit averages the sizes' per-token costs and so
+underestimates a less efficient small size (the floor limits by how much), which is why it is used only
+until pieces of that size were measured at two contexts and give their own fit. The previous CostBound
+used the global fit for every size, so it misjudged measured sizes of unequal efficiency too.
+
 Worked example: a 256-token piece ending at 100,000 took 12 ms. A 2048-token piece ending at 102,048 is
 bounded by 12 * 8 * 1.0205 = 98 ms; a 256-token piece ending at 110,000 by 12 * 1.1 = 13.2 ms. Once a
 second 256-token piece, ending at 120,000, took 13 ms, the fit for 256 is 7 ms + 5e-5 ms * E, so one
