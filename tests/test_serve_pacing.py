@@ -79,9 +79,11 @@ def test_fit_recovers_costs_of_the_assumed_form_and_stays_non_negative():
     cb = CostBound()
     for B, E in [(16, 100), (64, 900), (256, 400), (16, 3000)]:
         cb.add(B, E, prefill_ms(B, E))
-    # identified (two sizes, two contexts): the fitted estimate is FIT_MARGIN x the true cost where that
-    # is below the sample-scaled bound, e.g. far from any sample
-    assert cb.bound(256, 50_000) == pytest.approx(FIT_MARGIN * prefill_ms(256, 50_000), rel=1e-9)
+    # identified (two sizes, two contexts): for a size below the fitted one (16) the global fit's estimate
+    # is FIT_MARGIN x the true cost where that is below the sample-scaled bound, e.g. far from any sample
+    assert cb.bound(8, 50_000) == pytest.approx(FIT_MARGIN * prefill_ms(8, 50_000), rel=1e-9)
+    # a size above every fitted one keeps the upper bound from its samples (no guess): never below truth
+    assert prefill_ms(256, 50_000) <= cb.bound(256, 50_000) <= prefill_ms(256, 400) * 50_000 / 400
     X = np.array([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]])
     c = fit_nonnegative(X, np.array([3.0, 2.0, 1.0]))            # the unconstrained slope is -1
     assert np.all(c >= 0) and c[1] == 0 and c[0] == pytest.approx(2.0)

@@ -29,7 +29,9 @@ efficiency and by c0) and not at all from larger ones, so a smaller bucket would
 stream decodes and the end of every gap would be wasted. So they also get FIT_MARGIN x a global fit
 c0 + size * (a + b * context) over all samples (when these span >= 2 sizes and >= 2 contexts), raised to
 at least FIT_MARGIN x what linear growth proves of them: t(B, E) >= (B / s) * t(s, E) for a fitted larger
-size s. This guess is not an upper bound: the global fit averages the sizes' per-token costs and so
+size s. Only sizes below a fitted one get the guess: a larger unmeasured size keeps the upper bound scaled
+up from the smaller ones (on the H100 at 128K the guess let 2048-token pieces into a 100 ms budget and
+the chat saw a 246 ms gap; scaled up, a larger size runs only once it provably fits). This guess is not an upper bound: the global fit averages the sizes' per-token costs and so
 underestimates a less efficient small size (the floor limits by how much), which is why it is used only
 until pieces of that size were measured at two contexts and give their own fit. The previous CostBound
 used the global fit for every size, so it misjudged measured sizes of unequal efficiency too.
@@ -102,10 +104,10 @@ class CostBound:
         upper = min(t * max(1.0, size / s) * max(1.0, context / c) for s, c, t in self._samples)
         for s, (c0, b) in self._fits.items():
             upper = min(upper, FIT_MARGIN * (c0 + b * context) * max(1.0, size / s))
-        if self._coef is not None and size not in self._fits:
+        larger = [(s, f) for s, f in self._fits.items() if s > size]
+        if self._coef is not None and size not in self._fits and larger:
             c0, a, b = self._coef
-            floor = max((FIT_MARGIN * (c0s + bs * context) * size / s
-                         for s, (c0s, bs) in self._fits.items() if s > size), default=0.0)
+            floor = max(FIT_MARGIN * (c0s + bs * context) * size / s for s, (c0s, bs) in larger)
             upper = min(upper, max(FIT_MARGIN * (c0 + size * (a + b * context)), floor))
         return upper
 
