@@ -120,6 +120,7 @@ def part_itl(engine, a) -> None:
               pieces=sch.metrics.piece_counts()))
     for budget in (a.max_itl_ms, 0.0):
         sch = run_scheduler(engine, max_itl_ms=budget)
+        pieces = record_pieces(sch)
         chat_req, chat = submit(sch, "chat", ids_of(200, 2, V), max_new_tokens=a.long, ignore_eos=True)
         while not chat.token_times():                 # the chat is decoding before the long prompt arrives
             time.sleep(0.001)
@@ -135,7 +136,28 @@ def part_itl(engine, a) -> None:
         emit(dict(part="itl", case="long_with_chat", max_itl_ms=budget, prompt_tokens=a.long,
                   ttft_s=round(t_first - t0, 3), ttft_vs_alone=round((t_first - t0) / alone, 3),
                   chat_tokens_during_prefill=len(times), itl_p50_ms=pct(gaps, 50), itl_p99_ms=pct(gaps, 99),
-                  itl_max_ms=round(max(gaps) * 1000, 2) if gaps else None, pieces=sch.metrics.piece_counts()))
+                  itl_max_ms=round(max(gaps) * 1000, 2) if gaps else None,
+                  gaps_over_budget=sum(g * 1000 > budget for g in gaps) if budget else None,
+                  pieces=sch.metrics.piece_counts(), worst_piece_overruns=overruns(pieces)))
+
+
+def record_pieces(sch: Scheduler) -> list[tuple]:
+    """(bucket, end, seconds, the scheduler's estimate before it ran) of every dense prefill piece."""
+    cost, log = sch.prefill_cost[False], []
+    add = cost.add
+
+    def logged(size, context, seconds):
+        log.append((size, context, seconds, cost.bound(size, context)))
+        add(size, context, seconds)
+    cost.add = logged
+    return log
+
+
+def overruns(log: list[tuple], n: int = 5) -> list[dict]:
+    """The n pieces that took longest relative to their estimate (where the ITL budget was missed)."""
+    rows = [dict(bucket=b, end=e, ms=round(t * 1000, 1), est_ms=round(est * 1000, 1), ratio=round(t / est, 2))
+            for b, e, t, est in log if est]
+    return sorted(rows, key=lambda r: -r["ratio"])[:n]
 
 
 def part_reuse(engine, a) -> None:

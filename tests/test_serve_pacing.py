@@ -273,3 +273,21 @@ def test_prefix_reuse_picks_the_slot_holding_the_prompt_and_reports_reused_token
     assert metrics.registry.get_sample_value("zenjax_prefill_pieces_total", {"bucket": "64"}) == logged[64]
     # the prefill started after the reused prefix
     assert [(e[2], e[3]) for e in eng.log if e[0] == "prefill" and e[1] == 0][-1] == (40, 42)
+
+
+def test_an_overrun_raises_the_fitted_estimates_by_as_much_as_it_was_wrong():
+    # a cost NOT of the assumed form (attention convex in the context), where lines fitted at short
+    # contexts extrapolate low: a 64-token step at 8000 overruns its estimate by r (1.34 here); afterwards
+    # the other sizes' fitted estimates are raised by r (exactly: here below their sample bounds), which
+    # moves a 256-token piece's estimate from 67% to 90% of its cost
+    def convex_ms(B, E):
+        return 2 + B * (0.05 + 1e-9 * E * E)
+    cb = CostBound()
+    for B in (64, 256):
+        for E in (1000, 1500, 2000):
+            cb.add(B, E, convex_ms(B, E))
+    r = convex_ms(64, 8000) / cb.bound(64, 8000)
+    before = cb.bound(256, 8256)
+    assert r > FIT_MARGIN and before < convex_ms(256, 8256) / r     # both fits were well below the cost
+    cb.add(64, 8000, convex_ms(64, 8000))
+    assert cb.bound(256, 8256) == pytest.approx(r * before, rel=1e-9)

@@ -36,6 +36,14 @@ underestimates a less efficient small size (the floor limits by how much), which
 until pieces of that size were measured at two contexts and give their own fit. The previous CostBound
 used the global fit for every size, so it misjudged measured sizes of unequal efficiency too.
 
+Overruns. The fits and the guess are exact only for costs of the assumed form; on the H100 at 128K
+context, pieces sized by them overran a 100 ms budget (chat gaps of 167-246 ms: lines fitted through
+pieces at short contexts extrapolate low, and the guess for a size never run is a guess). So every
+measured step is also compared with what was estimated for it, and while the window holds a step that
+took r > 1 times its estimate, every fitted estimate is raised by r too (never the sample bound): one
+overrun makes the next estimates pessimistic by as much as it was wrong, and 32 steps later, once the
+fits have its samples, that margin is forgotten.
+
 Worked example: a 256-token piece ending at 100,000 took 12 ms. A 2048-token piece ending at 102,048 is
 bounded by 12 * 8 * 1.0205 = 98 ms; a 256-token piece ending at 110,000 by 12 * 1.1 = 13.2 ms. Once a
 second 256-token piece, ending at 120,000, took 13 ms, the fit for 256 is 7 ms + 5e-5 ms * E, so one
@@ -75,9 +83,13 @@ class CostBound:
         self._samples: collections.deque[tuple[int, int, float]] = collections.deque(maxlen=window)
         self._fits: dict[int, tuple[float, float]] = {}     # size -> (c0_s, b_s), where identified
         self._coef: np.ndarray | None = None                 # global (c0, a, b), for unmeasured sizes
+        self._overrun: collections.deque[float] = collections.deque(maxlen=window)   # seconds / estimate
 
     def add(self, size: int, context: int, seconds: float) -> None:
         sample = (max(1, int(size)), max(1, int(context)), max(0.0, float(seconds)))
+        estimate = self.bound(size, context)
+        if estimate:
+            self._overrun.append(sample[2] / estimate)
         full = len(self._samples) == self._samples.maxlen
         changed = {sample[0]} | ({self._samples[0][0]} if full else set())   # the added and the evicted size
         self._samples.append(sample)
@@ -101,15 +113,17 @@ class CostBound:
         if not self._samples:
             return None
         size, context = max(1, int(size)), max(1, int(context))
-        upper = min(t * max(1.0, size / s) * max(1.0, context / c) for s, c, t in self._samples)
+        sampled = min(t * max(1.0, size / s) * max(1.0, context / c) for s, c, t in self._samples)
+        margin = FIT_MARGIN * max(1.0, max(self._overrun, default=1.0))
+        fitted = sampled
         for s, (c0, b) in self._fits.items():
-            upper = min(upper, FIT_MARGIN * (c0 + b * context) * max(1.0, size / s))
+            fitted = min(fitted, margin * (c0 + b * context) * max(1.0, size / s))
         larger = [(s, f) for s, f in self._fits.items() if s > size]
         if self._coef is not None and size not in self._fits and larger:
             c0, a, b = self._coef
-            floor = max(FIT_MARGIN * (c0s + bs * context) * size / s for s, (c0s, bs) in larger)
-            upper = min(upper, max(FIT_MARGIN * (c0 + size * (a + b * context)), floor))
-        return upper
+            floor = max(margin * (c0s + bs * context) * size / s for s, (c0s, bs) in larger)
+            fitted = min(fitted, max(margin * (c0 + size * (a + b * context)), floor))
+        return min(sampled, fitted)
 
     def fitted_sizes(self) -> tuple[int, ...]:
         """Sizes with a fit (samples at >= 2 contexts in the window), for tests and logs."""
