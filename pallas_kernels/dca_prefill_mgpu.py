@@ -4,8 +4,10 @@ Same contract as `pallas_kernels/dca_prefill.py::dca_prefill` (q [3,B,T,N,H] for
 k/v [B,S,K,H], q_start/kv_len [B] int32 -> out [B,T,N,H] in q's dtype, lse [B,T,N] float32 natural log),
 written for speed on the H100 where the portable (Triton) kernel tops out at ~450 TFLOP/s.
 
-Walk of one CTA (grid = q heads x query-tile pairs x batch; pairs launched last-first, heads fastest so
-the 7 q heads sharing one kv head run side by side and share its K/V in L2):
+Walk of one CTA (grid = q heads x (query-tile pairs x key splits) x batch; pairs launched last-first, heads
+fastest so the 7 q heads sharing one kv head run side by side and share its K/V in L2). With num_splits = 1
+a CTA visits every key tile its rows need, [0, need); with more, its split's run [t0, t1) of them, and the
+wrapper merges the partial (out, lse) by LSE; "tile 0" below then means t0:
 1. Three warpgroups. Warpgroups 0 and 1 ("compute") each own 64 query rows (rows 2*block_q*pair +
    wg*block_q ...); warpgroup 2 ("memory") streams K/V tiles 0..steps-1 into a ring of
    `max_concurrent_steps` SMEM slots with TMA, waiting on the "consumed" barriers before refilling a slot.
@@ -54,7 +56,7 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from pallas_kernels._flash_dca import check_dca_blocks, pad_axis
+from pallas_kernels._flash_dca import check_dca_blocks, lse_merge, pad_axis
 from pallas_kernels.dca_prefill import _split_variants, _validate, dca_prefill_reference
 
 _reference = dca_prefill_reference           # the plain-jnp reference of this kernel (same contract)
@@ -78,11 +80,12 @@ def smem_bytes(n_variants: int, block_q: int, block_k: int, head_dim: int, stage
 
 
 def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, n_variants,
-            num_pairs, block_q, block_k, head_dim, stages, chunk_len, seq_len, group, interpret):
+            num_pairs, num_splits, block_q, block_k, head_dim, stages, chunk_len, seq_len, group, interpret):
     q_smem, k_smem, v_smem, _, p_smem, q_bars, k_bars, v_bars, k_free, v_free, sched = scratch
     b = lax.axis_index("batch")
     n = lax.axis_index("heads")
-    pair = num_pairs - 1 - lax.axis_index("q_seq")                   # launched last-first
+    pair = num_pairs - 1 - lax.div(lax.axis_index("q_seq"), num_splits)   # launched last-first
+    split = lax.rem(lax.axis_index("q_seq"), num_splits)
     wg = lax.axis_index("wg")
     q_start = q_start_ref[b]
     kv_len = jnp.minimum(kv_len_ref[b], seq_len)
@@ -94,7 +97,14 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         return lax.div(end + block_k - 1, block_k)
 
     pair_row0 = pair * (COMPUTE_WGS * block_q)
-    steps = tiles_needed(q_start + pair_row0 + (COMPUTE_WGS - 1) * block_q)   # the last warpgroup's need
+    # This CTA's key tiles [t0, t1): split `split` of the tiles the last warpgroup needs (it needs the
+    # most), cut into num_splits near-equal runs at run time, so the split holds for any cache fill.
+    # Worked example: 1000 tiles needed, 3 splits -> per = 334: [0, 334), [334, 668), [668, 1000).
+    need = tiles_needed(q_start + pair_row0 + (COMPUTE_WGS - 1) * block_q)
+    per = lax.div(need + num_splits - 1, num_splits)
+    t0 = jnp.minimum(split * per, need)
+    t1 = jnp.minimum(t0 + per, need)
+    steps = t1 - t0                                                   # tiles the memory warpgroup streams
 
     def sched_barrier():
         plgpu.barrier_arrive(sched)
@@ -105,7 +115,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         plgpu.set_max_registers(232, action="increase")
         row0 = pair_row0 + wg * block_q
         first_pos = q_start + row0
-        tile_hi = tiles_needed(first_pos)
+        tile_hi = jnp.clip(tiles_needed(first_pos), t0, t1)          # this warpgroup's tiles: [t0, tile_hi)
         qbuf = q_smem.at[wg]
         for r in range(n_variants):                                   # one barrier per TMA copy
             plgpu.copy_gmem_to_smem(q_ref.at[r, b, pl.ds(row0, block_q), n], qbuf.at[r],
@@ -117,7 +127,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
-        @pl.when(tile_hi > 0)
+        @pl.when(tile_hi > t0)
         def _():
             plgpu.barrier_wait(k_bars.at[0])
 
@@ -126,7 +136,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
 
         def step(t, carry, vidx, masked):
             acc, m_i, l_i = carry
-            slot = lax.rem(t, stages)
+            slot = lax.rem(t - t0, stages)
 
             def qk_fn(s_ref):
                 plgpu.wgmma(s_ref, qbuf.at[vidx], k_smem.at[slot].transpose((1, 0)))
@@ -141,8 +151,12 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
                 s = jnp.where((key <= rows + first_pos) & (key < kv_len), s, -jnp.inf)
             # Base-2 online softmax; m is kept pre-multiplied by qk_scale so p is one FMA + exp2.
             m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale)
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            # A masked tile can leave a row with no key yet (a key split starting right of its diagonal):
+            # m_new = -inf there, and exp2(-inf - -inf) would be NaN; offsetting by 0 instead keeps
+            # alpha = p = 0. Unmasked tiles give every row a key, so only they skip the select.
+            m_off = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            alpha = jnp.exp2(m_i - m_off)
+            p = jnp.exp2(s * qk_scale - lax.broadcast_in_dim(m_off, s.shape, [0]))
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
@@ -154,7 +168,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
             def wait_next_k():
                 @pl.when(t + 1 < tile_hi)
                 def _():
-                    plgpu.barrier_wait(k_bars.at[lax.rem(t + 1, stages)])
+                    plgpu.barrier_wait(k_bars.at[lax.rem(t + 1 - t0, stages)])
 
             if not interpret:
                 def pv_fn(acc_ref):
@@ -183,13 +197,13 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
 
         carry = (acc, m_i, l_i)
         if chunk_len is None:
-            carry = run_range(0, tile_hi, 0, carry)
+            carry = run_range(t0, tile_hi, 0, carry)
         else:
             tiles_per_chunk = chunk_len // block_k
             nq_lo = lax.div(first_pos, chunk_len)
             mixed = lax.div(first_pos + block_q - 1, chunk_len) != nq_lo
             split_row = (nq_lo + 1) * chunk_len - first_pos           # first row in chunk nq_lo + 1
-            edge = lambda c: jnp.clip(c * tiles_per_chunk, 0, tile_hi)
+            edge = lambda c: jnp.clip(c * tiles_per_chunk, t0, tile_hi)
             e1, e2, e3 = edge(nq_lo - 1), edge(nq_lo), edge(nq_lo + 1)
 
             def segment(seg, carry):
@@ -202,7 +216,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
                     lower, upper = qbuf.at[src][...], qbuf.at[dst][...]
                     qbuf.at[dst][...] = jnp.where(rows < split_row, lower, upper)
                     plgpu.commit_smem()                               # visible to the next wgmma
-                lo = jnp.where(seg == 0, 0, jnp.where(seg == 1, e1, jnp.where(seg == 2, e2, e3)))
+                lo = jnp.where(seg == 0, t0, jnp.where(seg == 1, e1, jnp.where(seg == 2, e2, e3)))
                 hi = jnp.where(seg == 0, e1, jnp.where(seg == 1, e2, jnp.where(seg == 2, e3, tile_hi)))
                 vidx = jnp.where(seg == 0, INTER, jnp.where(seg == 1, jnp.where(mixed, INTER, SUCC),
                                                             jnp.where(seg == 2, jnp.where(mixed, SUCC, INTRA),
@@ -216,14 +230,14 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
             # the ping-pong's barrier count equal (two rendezvous per step). Waiting for their arrival
             # first costs nothing (the other warpgroup needs them anyway) and keeps every barrier phase
             # observed by every waiter, which interpret mode checks.
-            slot = lax.rem(t, stages)
+            slot = lax.rem(t - t0, stages)
             plgpu.barrier_wait(k_bars.at[slot])
             plgpu.barrier_wait(v_bars.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
             sched_barrier()
             sched_barrier()
-        lax.fori_loop(tile_hi, steps, release, None)
+        lax.fori_loop(tile_hi, t1, release, None)
         pl.when(wg == 0)(sched_barrier)
 
         # l >= 1 for a row that saw a key (its max contributes exp2(0)); l = 0 only if it saw none, then
@@ -233,10 +247,10 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         obuf = qbuf.at[INTRA]
         obuf[...] = acc.astype(dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(obuf, out_ref.at[b, pl.ds(row0, block_q), n])
+        plgpu.copy_smem_to_gmem(obuf, out_ref.at[split, b, pl.ds(row0, block_q), n])
         # LSE straight from registers to GMEM (64 floats): an SMEM staging buffer would not fit beside
         # 3 query variants and two 128-key K/V slots.
-        lse_ref.at[b, n, pl.ds(row0, block_q)][...] = m_i * LN2 + jnp.log(l_i)
+        lse_ref.at[split, b, n, pl.ds(row0, block_q)][...] = m_i * LN2 + jnp.log(l_i)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == COMPUTE_WGS)
@@ -245,7 +259,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         kv_head = lax.div(n, group)
 
         def load(t, slot):
-            keys = (b, pl.ds(t * block_k, block_k), kv_head)
+            keys = (b, pl.ds((t0 + t) * block_k, block_k), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
 
@@ -255,7 +269,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         @pl.loop(0, jnp.maximum(steps - stages, 0))
         def _refill(t):
             slot = lax.rem(t, stages)
-            keys = (b, pl.ds((t + stages) * block_k, block_k), kv_head)
+            keys = (b, pl.ds((t0 + t + stages) * block_k, block_k), kv_head)
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
@@ -270,10 +284,37 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
             plgpu.barrier_wait(v_free.at[slot])
 
 
+# Key splits for short query chunks (`prefill_num_splits`): one CTA per SM (the buffers take ~224 KB of
+# SMEM), a CTA's fixed cost (query variants loaded, pipeline filled, output written) ~ START_COST_TILES
+# key tiles; past MAX_SPLITS the merge's partials stop paying.
+START_COST_TILES = 4
+MAX_SPLITS = 8
+
+
+def prefill_num_splits(ctas: int, tiles: int, num_sms: int) -> int:
+    """Key splits for `ctas` CTAs (q heads x query-tile pairs x batch) over `tiles` key tiles each.
+
+    Model: one CTA per SM; time(s) = waves(s) * (cdiv(tiles, s) + START_COST_TILES), waves(s) =
+    cdiv(s * ctas, num_sms); the smallest s within 5% of the least modelled time wins (the model is rough,
+    and each split adds partials to merge). tiles is the cache length in
+    tiles (the valid length is data; the kernel spreads the valid tiles over the splits at run time).
+    Worked example (132 SMs, 128K keys = 1024 tiles of 128): 256 rows x 28 heads = 56 CTAs:
+      s = 1: 1 wave x 1028;  s = 2: 1 x 516;  s = 4: 2 x 260 = 520;  s = 7: 3 x 151 = 453 -> 7.
+    8192 rows (1792 CTAs, 13.6 waves) keep s = 1 (14 x 1028 = 14392, within 5% of s = 3's 41 x 346).
+    """
+    for name, x in (("ctas", ctas), ("tiles", tiles), ("num_sms", num_sms)):
+        if x < 1:
+            raise ValueError(f"prefill_num_splits: {name}={x} must be >= 1")
+    cost = lambda s: -(-s * ctas // num_sms) * (-(-tiles // s) + START_COST_TILES)
+    options = range(1, min(MAX_SPLITS, tiles) + 1)
+    best = min(cost(s) for s in options)
+    return next(s for s in options if cost(s) <= 1.05 * best)
+
+
 @functools.partial(jax.jit, static_argnames=("chunk_len", "block_q", "block_k", "max_concurrent_steps",
-                                             "interpret"))
+                                             "num_splits", "interpret"))
 def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k, max_concurrent_steps,
-                      interpret):
+                      num_splits, interpret):
     R, B, T, N, H = q3.shape
     S, K = k.shape[1], k.shape[2]
     rows_per_cta = COMPUTE_WGS * block_q
@@ -285,7 +326,7 @@ def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k,
     num_pairs = Tp // rows_per_cta
     stages = max_concurrent_steps
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    kernel = functools.partial(_kernel, n_variants=R, num_pairs=num_pairs, block_q=block_q,
+    kernel = functools.partial(_kernel, n_variants=R, num_pairs=num_pairs, num_splits=num_splits, block_q=block_q,
                                block_k=block_k, head_dim=H, stages=stages, chunk_len=chunk_len,
                                seq_len=S, group=N // K, interpret=interpret)
 
@@ -312,20 +353,25 @@ def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k,
 
     out, lse = plgpu.kernel(
         entry,
-        out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), q3.dtype),
-                  jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        grid=(N, num_pairs, B),
+        out_type=[jax.ShapeDtypeStruct((num_splits, B, Tp, N, H), q3.dtype),
+                  jax.ShapeDtypeStruct((num_splits, B, N, Tp), jnp.float32)],
+        grid=(N, num_pairs * num_splits, B),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
     )(q_start, kv_len, q3, k, v)
-    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+    out, lse = out[:, :, :T], lse[:, :, :, :T].transpose(0, 1, 3, 2)          # [P,B,T,N,H], [P,B,T,N]
+    if num_splits == 1:
+        return out[0], lse[0]
+    out, lse = lse_merge(out, lse, axis=0)
+    return out.astype(q3.dtype), lse
 
 
 def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_q: int = 64,
-                     block_k: int = 128, max_concurrent_steps: int = 2, interpret: bool | None = None):
+                     block_k: int = 128, max_concurrent_steps: int = 2, num_splits: int = 1,
+                     interpret: bool | None = None):
     """Attention of T queries (absolute positions q_start + t) against the cache, DCA or plain.
 
     Contract of `dca_prefill` (see there): q [3,B,T,N,H] with chunk_len = s, or [B,T,N,H] with
@@ -334,6 +380,11 @@ def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, 
     Hopper only (wgmma): bf16 or f16 inputs, H a multiple of 64, block_q = 64 (one warpgroup's rows;
     a CTA takes 2 x 64 rows), block_k 64 or 128 dividing s, max_concurrent_steps >= 2 K/V slots, all
     fitting the 227 KB of shared memory. interpret=None: interpret mode unless the backend is a GPU.
+    num_splits > 1 also splits each CTA's key range into that many runs (more CTAs for a short query
+    chunk over a long cache: 256 rows x 28 heads are 56 CTAs, under half an H100's 132 SMs), merged by
+    LSE in jnp. The partials are written in q's dtype, so the merge adds at most one more rounding of
+    the output (bf16: 2^-9 relative, a convex combination of rounded partials); `prefill_num_splits`
+    picks the count.
     """
     q3 = _split_variants(q, chunk_len)
     _validate(q3, k, v, q_start, kv_len, chunk_len)
@@ -349,6 +400,8 @@ def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, 
         raise ValueError(f"dca_prefill_mgpu: block_q={block_q}; only 64 (the wgmma M of one warpgroup)")
     if block_k not in (64, 128):
         raise ValueError(f"dca_prefill_mgpu: block_k={block_k}; must be 64 or 128")
+    if num_splits < 1:
+        raise ValueError(f"dca_prefill_mgpu: num_splits={num_splits} must be >= 1")
     if max_concurrent_steps < 2:
         raise ValueError(f"dca_prefill_mgpu: max_concurrent_steps={max_concurrent_steps} must be >= 2")
     need = smem_bytes(q3.shape[0], block_q, block_k, H, max_concurrent_steps)
@@ -360,4 +413,5 @@ def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, 
         interpret = jax.default_backend() != "gpu"
     return _dca_prefill_mgpu(q3, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32),
                              chunk_len=chunk_len, block_q=block_q, block_k=block_k,
-                             max_concurrent_steps=max_concurrent_steps, interpret=bool(interpret))
+                             max_concurrent_steps=max_concurrent_steps, num_splits=num_splits,
+                             interpret=bool(interpret))

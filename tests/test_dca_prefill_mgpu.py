@@ -27,10 +27,10 @@ def _inputs(seed, *, dca, B, T, N, K, H, S):
     return q, k, v
 
 
-def _check(q, k, v, q_start, kv_len, *, chunk_len, block_k):
+def _check(q, k, v, q_start, kv_len, *, chunk_len, block_k, num_splits=1):
     q_start, kv_len = jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32)
     out, lse = dca_prefill_mgpu(q, k, v, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
-                                interpret=True)
+                                num_splits=num_splits, interpret=True)
     ref_out, ref_lse = _reference(q, k, v, q_start, kv_len, chunk_len=chunk_len)
     assert out.shape == ref_out.shape and out.dtype == q.dtype
     assert lse.shape == ref_lse.shape and lse.dtype == jnp.float32
@@ -63,11 +63,39 @@ def test_plain_causal_unaligned_start():
     _check(q, k, v, [37], [137], chunk_len=None, block_k=64)
 
 
+def test_key_splits_dca_mixed_tiles_and_rows_with_no_key_in_a_split():
+    # The DCA case above (28/4 heads, rows 100..169 straddling the chunk boundary, kv_len 170 < S) with the
+    # keys of each CTA cut into 3 runs: 3 tiles of 64 needed -> one tile per split, so the rows of warpgroup
+    # 0 (positions 100..163) see nothing in split 2 (keys 128..191 lie right of rows 100..127's diagonal,
+    # a masked tile whose first rows have no key: the NaN guard) and the partials meet in the LSE merge.
+    # Tolerance as _check: the merge adds one bf16 rounding of the partials (2^-9 relative) to the 1e-2.
+    q, k, v = _inputs(0, dca=True, B=1, T=70, N=28, K=4, H=64, S=256)
+    _check(q, k, v, [100], [170], chunk_len=128, block_k=64, num_splits=3)
+
+
+def test_key_splits_plain_batch_more_splits_than_tiles():
+    # Two batch rows, 4 splits: row 0 needs 5 tiles of 64 (positions 200..299), row 1 (q_start 0, T 100
+    # rows) 2 tiles, so some of its CTAs have an empty key run (lse -inf, out 0: weight 0 in the merge).
+    q, k, v = _inputs(5, dca=False, B=2, T=100, N=4, K=2, H=64, S=320)
+    _check(q, k, v, [200, 0], [300, 100], chunk_len=None, block_k=64, num_splits=4)
+
+
+def test_prefill_num_splits_fills_the_sms_and_leaves_long_chunks_alone():
+    from pallas_kernels.dca_prefill_mgpu import prefill_num_splits
+    # Worked example of its docstring: 56 CTAs (256 rows x 28 heads) over 1024 tiles on 132 SMs -> 7.
+    assert prefill_num_splits(56, 1024, 132) == 7
+    assert prefill_num_splits(28 * 64, 1024, 132) == 1          # an 8192-row chunk: 13.6 waves already
+    assert prefill_num_splits(56, 1, 132) == 1                  # never more splits than tiles
+    with pytest.raises(ValueError, match="tiles=0"):
+        prefill_num_splits(56, 0, 132)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(block_q=128), "block_q"),
     (dict(block_k=32), "block_k"),
     (dict(max_concurrent_steps=1), "max_concurrent_steps"),
     (dict(block_k=128, max_concurrent_steps=4), "shared memory"),
+    (dict(num_splits=0), "num_splits"),
 ])
 def test_bad_config_is_refused(kwargs, match):
     q, k, v = _inputs(3, dca=True, B=1, T=8, N=4, K=2, H=128, S=128)
