@@ -94,7 +94,7 @@ def main(argv=None):
     ap.add_argument("--batches", default="1,8", help="decode batch sizes")
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--attention", default="cudnn")
-    ap.add_argument("--grouped", choices=("xla", "mgpu"), default="xla",
+    ap.add_argument("--grouped", choices=("xla", "mgpu"), default="mgpu",
                     help="expert matmul: jax.lax.ragged_dot or JAX's Mosaic GPU ragged dot (zenjax.layers)")
     ap.add_argument("--fp8-matmul", choices=("xla", "kernel", "auto", "w8a8"), default=None,
                     help="zenjax.layers.FP8_MATMUL for --weights fp8 (default: the library's)")

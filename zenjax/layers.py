@@ -105,22 +105,24 @@ def linear(eq: str, x, w, *, out_dtype=None):
     return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
 
 
-# Grouped expert matmul: "xla" = jax.lax.ragged_dot; "mgpu" = the Mosaic GPU ragged dot that ships with
-# JAX's Pallas ops (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu; Hopper, bf16/f16, K a multiple of 64
-# and N of 128; anything else falls back to ragged_dot). XLA's ragged_dot ran the Qwen1.5-MoE-A2.7B 32K
-# prefill at 7% of the matmul rate (5.2 s vs transformers' 0.695 s, H200 2026-12-02);
-# benchmarks/moe_fp8.py --grouped mgpu times the alternative. H200 2026-12-02: one A2.7B projection (131072
-# routed rows, 60 experts, 2048 -> 1408) 2.02 ms vs 63.2 ms for ragged_dot (375 vs 12 TFLOP/s, identical
-# outputs); but the 24-layer prefill step with it did not finish compiling in 5 minutes (before its wrapper
-# was jitted, so each of the 72 call sites lowered its own 60-group kernel): not the default until an
-# end-to-end run.
-GROUPED_MATMUL = "xla"
+# Grouped expert matmul: "xla" = jax.lax.ragged_dot; "mgpu" (the default) = the Mosaic GPU ragged dot that
+# ships with JAX's Pallas ops (jax.experimental.pallas.ops.gpu.ragged_dot_mgpu) where it applies: one Hopper
+# GPU, bf16/f16, K a multiple of 64 and N of 128; anything else (the CPU, a mesh, f32) falls back to
+# ragged_dot. XLA's ragged_dot ran the Qwen1.5-MoE-A2.7B 32K prefill at 7% of the matmul rate (5.2 s vs
+# transformers' 0.695 s, H200 2026-12-02): one A2.7B projection (131072 routed rows, 60 experts,
+# 2048 -> 1408) 63.2 ms vs 2.02 ms for the Mosaic kernel (identical outputs). End to end with one jitted
+# wrapper shared by the 72 call sites: TTFT 32K 0.633 s vs transformers 0.782 s (H100, 2026-12-06,
+# benchmarks/RESULTS.md).
+GROUPED_MATMUL = "mgpu"
 MGPU_RAGGED = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=1)
 
 
 def _mgpu_ragged_dot(x, w, group_sizes):
     """The Mosaic GPU ragged dot where it applies (see GROUPED_MATMUL), else None."""
     if GROUPED_MATMUL != "mgpu" or jax.default_backend() != "gpu" or jax.device_count() > 1:
+        return None
+    from zenjax.config import is_hopper
+    if not is_hopper(jax.devices()[0].device_kind):                    # wgmma: Hopper only
         return None
     if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):
         return None
