@@ -121,7 +121,7 @@ def main(argv=None):
     info = {"device": jax.devices()[0].device_kind, "model": a.model, "weights": a.weights, "ceilings": warm,
             "grouped": a.grouped, "fp8_matmul": layers.FP8_MATMUL}
     out = dict(info, prefill=[], decode={})
-    name = (f"moe_fp8_{a.model}_{a.weights}{'' if a.grouped == 'xla' else '_' + a.grouped}"
+    name = (f"moe_fp8_{a.model}_{a.weights}{'' if a.grouped == 'mgpu' else '_' + a.grouped}"
             f"{'' if a.fp8_matmul is None else '_' + a.fp8_matmul}.json")
     for b in [int(x) for x in a.batches.split(",")]:
         params = random_params(cfg)
