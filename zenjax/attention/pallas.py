@@ -3,7 +3,8 @@
 Same contract as zenjax/attention/__init__.py (shapes, semantics, padding rows): q [B,T,N,H] (plain) or
 [3,B,T,N,H] (DCA: intra, succ, inter), k_cache / v_cache [B,S,K,H], q_start / kv_len [B] int32.
 A step with T <= DECODE_MAX_T queries goes to the split-K decode kernel (it parallelizes over the keys),
-longer query chunks to a prefill kernel (it parallelizes over query tiles): on a GPU with bf16/f16 inputs
+longer query chunks to a prefill kernel (it parallelizes over query tiles; the Mosaic one also over keys
+when a short chunk would leave SMs idle, SPLIT_KEYS): on a GPU with bf16/f16 inputs
 and head_dim a multiple of 64, the Mosaic GPU (Hopper wgmma + TMA) kernel `dca_prefill_mgpu`; otherwise
 (CPU interpret mode, float32, other GPUs' head sizes) the portable Triton-lowered `dca_prefill`.
 Measured on the H100 (benchmarks/RESULTS.md, 2026-11-23, 28/4 heads, d=128, DCA): Mosaic 597 TFLOP/s at
