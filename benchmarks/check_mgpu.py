@@ -112,7 +112,6 @@ def short_chunks(lengths, rows, reps) -> list[dict]:
     DCA (s = 253952), the Mosaic kernel with one CTA per query-tile pair and head (splits 1) vs the key
     splits `prefill_num_splits` picks: the pieces the serving pacer cuts while chats stream. TFLOP/s =
     4 * T * L * N * H (every row sees ~L keys)."""
-    from pallas_kernels.dca_decode import device_num_sms
     from pallas_kernels.dca_prefill_mgpu import prefill_num_splits
     s = 262144 - 8192
     out = []
@@ -122,17 +121,17 @@ def short_chunks(lengths, rows, reps) -> list[dict]:
         for T in rows:
             q3 = jax.random.normal(jax.random.key(T), (3, 1, T, N, H), jnp.bfloat16)
             q0, kvl = jnp.full(1, L - T, jnp.int32), jnp.full(1, L, jnp.int32)
-            auto = prefill_num_splits(N * -(-T // 128), L // 128, device_num_sms())
+            auto = prefill_num_splits(1, N, T, L, 128)
             row = dict(L=L, T=T, auto_splits=auto)
+            outs = {}
             for name, n in (("splits1", 1), ("auto", auto)):
                 f = jax.jit(lambda q, k, v, n=n: dca_prefill_mgpu(q, k, v, q0, kvl, chunk_len=s, block_k=128,
                                                                   num_splits=n, interpret=False))
                 t = bench(f, q3, k, v, reps=reps)
                 row[f"{name}_ms"] = round(t * 1e3, 3)
                 row[f"{name}_tflops"] = round(4 * T * L * N * H / t / 1e12, 1)
-            o1, l1 = dca_prefill_mgpu(q3, k, v, q0, kvl, chunk_len=s, block_k=128, interpret=False)
-            o2, l2 = dca_prefill_mgpu(q3, k, v, q0, kvl, chunk_len=s, block_k=128, num_splits=auto,
-                                      interpret=False)
+                outs[name] = f(q3, k, v)
+            (o1, l1), (o2, l2) = outs["splits1"], outs["auto"]
             o1, o2 = o1.astype(jnp.float32), o2.astype(jnp.float32)
             row["rel_diff_vs_splits1"] = float(jnp.linalg.norm(o2 - o1) / jnp.linalg.norm(o1))
             row["lse_max_diff"] = float(jnp.max(jnp.abs(l2 - l1)))

@@ -291,20 +291,27 @@ START_COST_TILES = 4
 MAX_SPLITS = 8
 
 
-def prefill_num_splits(ctas: int, tiles: int, num_sms: int) -> int:
-    """Key splits for `ctas` CTAs (q heads x query-tile pairs x batch) over `tiles` key tiles each.
+def prefill_num_splits(batch: int, q_heads: int, rows: int, keys: int, block_k: int,
+                       num_sms: int | None = None) -> int:
+    """Key splits for `rows` queries of `q_heads` heads x `batch` against a cache of `keys` keys.
 
-    Model: one CTA per SM; time(s) = waves(s) * (cdiv(tiles, s) + START_COST_TILES), waves(s) =
-    cdiv(s * ctas, num_sms); the smallest s within 5% of the least modelled time wins (the model is rough,
-    and each split adds partials to merge). tiles is the cache length in
-    tiles (the valid length is data; the kernel spreads the valid tiles over the splits at run time).
+    The grid holds ctas = batch x q_heads x cdiv(rows, 128) CTAs (two 64-row warpgroups each) over
+    tiles = cdiv(keys, block_k) key tiles. Model: one CTA per SM; time(s) = waves(s) * (cdiv(tiles, s) +
+    START_COST_TILES), waves(s) = cdiv(s * ctas, num_sms); the smallest s within 5% of the least modelled
+    time wins (the model is rough, and each split adds partials to merge). keys is the cache length S (the valid length is data; the
+    kernel spreads the valid tiles over the splits at run time). num_sms=None: the default device's.
     Worked example (132 SMs, 128K keys = 1024 tiles of 128): 256 rows x 28 heads = 56 CTAs:
       s = 1: 1 wave x 1028;  s = 2: 1 x 516;  s = 4: 2 x 260 = 520;  s = 7: 3 x 151 = 453 -> 7.
     8192 rows (1792 CTAs, 13.6 waves) keep s = 1 (14 x 1028 = 14392, within 5% of s = 3's 41 x 346).
     """
-    for name, x in (("ctas", ctas), ("tiles", tiles), ("num_sms", num_sms)):
+    from pallas_kernels.dca_decode import device_num_sms
+    num_sms = device_num_sms() if num_sms is None else num_sms
+    for name, x in (("batch", batch), ("q_heads", q_heads), ("rows", rows), ("keys", keys),
+                    ("block_k", block_k), ("num_sms", num_sms)):
         if x < 1:
             raise ValueError(f"prefill_num_splits: {name}={x} must be >= 1")
+    ctas = batch * q_heads * -(-rows // (COMPUTE_WGS * 64))
+    tiles = -(-keys // block_k)
     cost = lambda s: -(-s * ctas // num_sms) * (-(-tiles // s) + START_COST_TILES)
     options = range(1, min(MAX_SPLITS, tiles) + 1)
     best = min(cost(s) for s in options)

@@ -83,11 +83,11 @@ def test_key_splits_plain_batch_more_splits_than_tiles():
 def test_prefill_num_splits_fills_the_sms_and_leaves_long_chunks_alone():
     from pallas_kernels.dca_prefill_mgpu import prefill_num_splits
     # Worked example of its docstring: 56 CTAs (256 rows x 28 heads) over 1024 tiles on 132 SMs -> 7.
-    assert prefill_num_splits(56, 1024, 132) == 7
-    assert prefill_num_splits(28 * 64, 1024, 132) == 1          # an 8192-row chunk: 13.6 waves already
-    assert prefill_num_splits(56, 1, 132) == 1                  # never more splits than tiles
-    with pytest.raises(ValueError, match="tiles=0"):
-        prefill_num_splits(56, 0, 132)
+    assert prefill_num_splits(1, 28, 256, 131072, 128, num_sms=132) == 7
+    assert prefill_num_splits(1, 28, 8192, 131072, 128, num_sms=132) == 1   # 13.6 waves already
+    assert prefill_num_splits(1, 28, 256, 100, 128, num_sms=132) == 1       # never more splits than tiles
+    with pytest.raises(ValueError, match="keys=0"):
+        prefill_num_splits(1, 28, 256, 0, 128, num_sms=132)
 
 
 @pytest.mark.parametrize("kwargs, match", [

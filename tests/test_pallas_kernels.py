@@ -154,11 +154,9 @@ def test_bad_input_is_refused():
 @pytest.mark.parametrize("T, S, splits", [(256, 131072, 7), (8192, 131072, 1), (300, 4096, 3)])
 def test_dispatcher_asks_the_mosaic_kernel_for_key_splits(monkeypatch, T, S, splits):
     # The Mosaic path runs only on a Hopper GPU, so here its kernel is replaced by a recorder to check the
-    # glue: the CTA count (28 heads x cdiv(T, 128) x B) and the cache length in 128-key tiles reach
-    # prefill_num_splits (132 SMs: a 256-row piece over 128K keys -> 7; an 8192-row piece -> 1; 300 rows
+    # glue: the batch, heads, rows and cache length reach prefill_num_splits (132 SMs: a 256-row piece over 128K keys -> 7; an 8192-row piece -> 1; 300 rows
     # at 4096 keys = 84 CTAs x 32 tiles -> 3: 2 waves x (11 + 4) = 30 beats 1 wave x (32 + 4) = 36).
     from zenjax.attention import pallas as pallas_impl
-    import pallas_kernels.dca_decode as dd
     import pallas_kernels.dca_prefill_mgpu as mg
     seen = {}
 
@@ -167,7 +165,7 @@ def test_dispatcher_asks_the_mosaic_kernel_for_key_splits(monkeypatch, T, S, spl
         return jnp.zeros(q.shape[1:], q.dtype), jnp.zeros(q.shape[1:4], jnp.float32)
     monkeypatch.setattr(pallas_impl, "_use_mgpu", lambda q, interpret: True)
     monkeypatch.setattr(mg, "dca_prefill_mgpu", fake)
-    monkeypatch.setattr(dd, "device_num_sms", lambda: 132)
+    monkeypatch.setattr("pallas_kernels.dca_decode.device_num_sms", lambda: 132)
     q = jax.ShapeDtypeStruct((3, 1, T, 28, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, S, 4, 128), jnp.bfloat16)
     dca = DCAConfig(chunk_size=262144, local_size=8192, original_max_position_embeddings=32768)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from zenjax.config import is_hopper
 from zenjax.fp8 import Fp8Weight
 
 
@@ -121,7 +122,6 @@ def _mgpu_ragged_dot(x, w, group_sizes):
     """The Mosaic GPU ragged dot where it applies (see GROUPED_MATMUL), else None."""
     if GROUPED_MATMUL != "mgpu" or jax.default_backend() != "gpu" or jax.device_count() > 1:
         return None
-    from zenjax.config import is_hopper
     if not is_hopper(jax.devices()[0].device_kind):                    # wgmma: Hopper only
         return None
     if x.dtype != w.dtype or x.dtype not in (jnp.bfloat16, jnp.float16):

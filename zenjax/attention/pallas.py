@@ -94,12 +94,10 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
         from zenjax.model import dequantize_fp8
         k_cache, v_cache = dequantize_fp8(k_cache, k_scale, q.dtype), dequantize_fp8(v_cache, v_scale, q.dtype)
     if _use_mgpu(q, interpret) and (chunk_len is None or chunk_len % 64 == 0):
-        from pallas_kernels.dca_decode import device_num_sms
         from pallas_kernels.dca_prefill_mgpu import dca_prefill_mgpu, prefill_num_splits
         block_k = MGPU_BLOCK_K if chunk_len is None or chunk_len % MGPU_BLOCK_K == 0 else 64
         B, N = q.shape[-4], q.shape[-2]                               # q [3,]B,T,N,H
-        ctas = N * B * -(-T // 128)                                  # 128 query rows per CTA
-        splits = prefill_num_splits(ctas, -(-k_cache.shape[1] // block_k), device_num_sms()) if SPLIT_KEYS else 1
+        splits = prefill_num_splits(B, N, T, k_cache.shape[1], block_k) if SPLIT_KEYS else 1
         return dca_prefill_mgpu(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
                                 max_concurrent_steps=MGPU_STEPS, num_splits=splits, interpret=False)
     return dca_prefill(q, k_cache, v_cache, q_start, kv_len, **triton)
