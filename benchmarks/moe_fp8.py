@@ -98,6 +98,8 @@ def main(argv=None):
                     help="expert matmul: jax.lax.ragged_dot or JAX's Mosaic GPU ragged dot (zenjax.layers)")
     ap.add_argument("--fp8-matmul", choices=("xla", "kernel", "auto", "w8a8"), default=None,
                     help="zenjax.layers.FP8_MATMUL for --weights fp8 (default: the library's)")
+    ap.add_argument("--fp8-configs", default=None, help="kernel configs measured by check_fp8_matmul.py "
+                    "(its --configs-out JSON) for --fp8-matmul kernel")
     ap.add_argument("--check", action="store_true", help="first compare one MoE layer's grouped matmul "
                     "(mgpu vs ragged_dot) on random routed rows")
     ap.add_argument("--smoke", action="store_true")
@@ -106,6 +108,9 @@ def main(argv=None):
     layers.GROUPED_MATMUL = a.grouped
     if a.fp8_matmul:
         layers.FP8_MATMUL = a.fp8_matmul
+    if a.fp8_configs:
+        from pallas_kernels.fp8_matmul import load_tuned
+        print(f"fp8 kernel configs: {load_tuned(a.fp8_configs)} from {a.fp8_configs}", flush=True)
     if a.check:
         check_grouped()
     from benchmarks.common import QWEN25_7B_1M, SMOKE

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import pallas_kernels.fp8_matmul as fp8k
 from pallas_kernels.fp8_matmul import default_splits, fp8_matmul, fp8_matmul_reference, supported
 from zenjax import layers
 from zenjax.fp8 import Fp8Weight
@@ -40,6 +41,37 @@ def test_kernel_equals_reference(M, Kd, Nd, splits):
     assert bool(jnp.all(jnp.abs(got - want) <= _bound(x, w8, scale)))
     # the scale matters: a kernel that dropped it would be off by ~1/scale
     assert float(jnp.abs(got - x @ w8.astype(jnp.float32)).max()) > 1.0
+
+
+@pytest.mark.parametrize("M, w_nk, fma", [(1, True, False), (3, False, True), (1, True, True), (8, True, False)])
+def test_layout_and_fma_variants_equal_reference(M, w_nk, fma):
+    """The [N, K] weight layout (HF's [out, in]) and the CUDA-core path compute the same product: M=3 on
+    the FMA path pads to 4 rows, so a padded row leaking into the result would show."""
+    Kd, Nd = 256, 384
+    k1, k2 = jax.random.split(jax.random.key(M + 7 * w_nk + fma))
+    x = jax.random.normal(k1, (M, Kd), jnp.float32)
+    w8, scale = _w8(k2, (Kd,), (Nd,))
+    got = fp8_matmul(x, w8.T if w_nk else w8, scale, w_nk=w_nk, fma=fma, splits=2, block_n=128, block_k=128,
+                     interpret=True)
+    assert got.shape == (M, Nd)
+    assert bool(jnp.all(jnp.abs(got - fp8_matmul_reference(x, w8, scale)) <= _bound(x, w8, scale)))
+    with pytest.raises(ValueError, match=r"\[N, K\]" if w_nk else r"\[K, N\]"):
+        fp8_matmul(x, w8 if w_nk else w8.T, scale, w_nk=w_nk, interpret=True)     # the other layout: refused
+
+
+def test_tuned_configs_load_and_pick_the_nearest_row_count(tmp_path, monkeypatch):
+    import json
+    monkeypatch.setattr(fp8k, "TUNED", {})
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"configs": [
+        dict(rows=1, K=3584, N=512, w_nk=False, fma=True, block_k=128, block_n=64, num_warps=4, num_stages=4, splits=7),
+        dict(rows=8, K=3584, N=512, w_nk=False, fma=False, block_k=256, block_n=128, num_warps=8, num_stages=4, splits=3),
+        dict(rows=8, K=3584, N=512, w_nk=True, fma=False, block_k=512, block_n=64, num_warps=8, num_stages=3, splits=2)]}))
+    assert fp8k.load_tuned(str(path)) == 3
+    assert fp8k.config_for(1, 3584, 512)["fma"] is True
+    assert fp8k.config_for(2, 3584, 512)["splits"] == 3 and fp8k.config_for(8, 3584, 512)["block_k"] == 256
+    assert fp8k.config_for(8, 3584, 512, w_nk=True)["block_k"] == 512
+    assert fp8k.config_for(9, 3584, 512) == {} and fp8k.config_for(1, 3584, 3584) == {}
 
 
 def test_split_heuristic_and_refusals():

@@ -59,15 +59,17 @@ def _fp8_kernel_linear(eq, x, w, out_dtype):
     import math
     if FP8_MATMUL == "xla" or (FP8_MATMUL == "auto" and (jax.default_backend() != "gpu" or jax.device_count() > 1)):
         return None
-    from pallas_kernels.fp8_matmul import fp8_matmul, supported
+    from pallas_kernels.fp8_matmul import config_for, fp8_matmul, supported
     nc = _flat_matmul_dims(eq, x.ndim, w.values.ndim)
     if nc is None:
         return None
     batch, out_shape = x.shape[:x.ndim - nc], w.values.shape[nc:]
     M, Kd, Nd = math.prod(batch), math.prod(w.values.shape[:nc]), math.prod(out_shape)
-    if not supported(M, Kd, Nd) or w.scale.size != Nd:
+    cfg = config_for(M, Kd, Nd)
+    if not supported(M, Kd, Nd, block_k=cfg.get("block_k", 128), block_n=cfg.get("block_n", 128)) or w.scale.size != Nd:
         return None
-    y = fp8_matmul(x.reshape(M, Kd), w.values.reshape(Kd, Nd), w.scale.reshape(Nd), out_dtype=out_dtype or x.dtype)
+    y = fp8_matmul(x.reshape(M, Kd), w.values.reshape(Kd, Nd), w.scale.reshape(Nd), out_dtype=out_dtype or x.dtype,
+                   **cfg)
     return y.reshape(batch + out_shape)
 
 
