@@ -178,9 +178,11 @@ def peak_memory_gib() -> float:
     return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
-def write_json(name: str, data: dict) -> None:
+def write_json(name: str, data: dict, echo: bool = True) -> None:
+    """data as $OUT/name (when $OUT is set: the device tool brings it back) and, with echo, on stdout."""
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, name), "w") as f:
             json.dump(data, f, indent=1)
-    print(json.dumps(data, indent=1))
+    if echo:
+        print(json.dumps(data, indent=1))

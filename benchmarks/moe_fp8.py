@@ -72,12 +72,14 @@ def check_grouped(M: int = 131072, E: int = 60, D: int = 2048, F: int = 1408) ->
 def to_fp8(cfg: ModelConfig, params: dict) -> dict:
     """Random bf16 weights -> the fp8 layout (values + scales), one jitted quantizer per distinct shape."""
     fns: dict = {}
+    floats = param_specs(cfg)                     # the random weights' (in-major) layout
     for path, spec in param_specs(cfg, "fp8").items():
         if spec.dtype != FP8_DTYPE:
             continue
         node = params
         for k in path[:-1]:
             node = node[k]
+        spec = floats[path]
         key = (spec.shape, spec.stacked, spec.in_dims)
         if key not in fns:
             fns[key] = jax.jit(lambda w, spec=spec: quantize(spec, w))

@@ -25,6 +25,11 @@ def _w8(key, shape_in, shape_out):
     return (w / scale).astype(jnp.float8_e4m3fn), scale
 
 
+def _out_major(w8, n_in):
+    """[in..., out...] -> the stored fp8 layout [out..., in...]."""
+    return jnp.transpose(w8, tuple(range(n_in, w8.ndim)) + tuple(range(n_in)))
+
+
 def _bound(x, w8, scale):
     mag = (jnp.abs(x.astype(jnp.float32)) @ jnp.abs(w8.astype(jnp.float32))) * scale[None, :]
     return 2 * x.shape[1] * EPS32 * mag + 1e-30
@@ -97,16 +102,16 @@ def test_linear_routes_decode_matmuls_through_the_kernel(eq, xshape, win, wout, 
     k1, k2 = jax.random.split(jax.random.key(len(eq)))
     x = jax.random.normal(k1, xshape, jnp.float32)
     w8, scale = _w8(k2, win, wout)
-    w = Fp8Weight(values=w8, scale=scale)
+    w = Fp8Weight(values=_out_major(w8, len(win)), scale=scale)
     calls = []
     import pallas_kernels.fp8_matmul as mod
     real = mod.fp8_matmul
-    monkeypatch.setattr(mod, "fp8_matmul", lambda *a, **k: calls.append(1) or real(*a, interpret=True, **k))
+    monkeypatch.setattr(mod, "fp8_matmul", lambda *a, **k: calls.append(k["w_nk"]) or real(*a, interpret=True, **k))
     monkeypatch.setattr(layers, "FP8_MATMUL", "kernel")
     got = layers.linear(eq, x, w)
     monkeypatch.setattr(layers, "FP8_MATMUL", "xla")
     want = layers.linear(eq, x, w)
-    assert calls == [1] and got.shape == want.shape
+    assert calls == [True] and got.shape == want.shape              # the kernel reads the [N, K] values
     Kd = int(np.prod(win))
     xf, wf = x.reshape(-1, Kd), w8.reshape(Kd, -1)
     assert bool(jnp.all(jnp.abs(got - want).reshape(xf.shape[0], -1) <= _bound(xf, wf, scale.reshape(-1))))
@@ -115,7 +120,7 @@ def test_linear_routes_decode_matmuls_through_the_kernel(eq, xshape, win, wout, 
 def test_linear_keeps_prefill_sized_and_unmatched_shapes_on_xla(monkeypatch):
     monkeypatch.setattr(layers, "FP8_MATMUL", "kernel")
     w8, scale = _w8(jax.random.key(1), (128,), (128,))
-    w = Fp8Weight(values=w8, scale=scale)
+    w = Fp8Weight(values=w8.T, scale=scale)
     assert layers._fp8_kernel_linear("btd,df->btf", jnp.ones((1, 32, 128)), w, None) is None   # 32 rows
     assert layers._fp8_kernel_linear("md,d->m", jnp.ones((2, 128)), Fp8Weight(w8[:, 0], scale[:1]), None) is None
     assert layers._flat_matmul_dims("...d,vd->...v", 2, 2) is None                             # w [out, in]

@@ -11,12 +11,13 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+import conftest
 import test_convert as tc          # module import: its tests are not collected again here
 import zenjax
-from zenjax.checkpoint import read_config
+from zenjax.checkpoint import CheckpointError, read_config
 from zenjax.convert import ConvertError, convert_checkpoint
 from zenjax.fp8 import FP8_MAX, quantize
-from zenjax.params import FP8_WEIGHTS, _stacked_linear, _linear
+from zenjax.params import FP8_WEIGHTS, _stacked_linear, _linear, out_major_order
 
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 KW = dict(max_model_len=128, prefill_chunk=16, attention="reference", verbose=False)
@@ -40,6 +41,9 @@ def test_quantize_per_output_channel(spec):
     q, s = quantize(spec, w)
     lead = 1 if spec.stacked else 0
     in_axes = tuple(range(lead, lead + spec.in_dims))
+    order = out_major_order(spec)             # values come out-major: [E?, out..., in...]
+    assert q.shape == tuple(spec.shape[i] for i in order)
+    q = np.transpose(q, np.argsort(order))    # back to w's layout for the checks below
     assert q.dtype == E4M3 and s.dtype == np.float32
     assert s.shape == spec.shape[:lead] + spec.shape[lead + spec.in_dims:]
     np.testing.assert_allclose(s, np.abs(w).max(axis=in_axes) / FP8_MAX, rtol=1e-7)
@@ -67,6 +71,27 @@ def test_fp8_checkpoint_layout(hf_fixture, tmp_path):
     l0 = params["layers"]["0"]                                   # sparse layer: 8 experts, width 16
     assert l0["experts_w_down_scale"].shape == (8, 32) and l0["wq_scale"].shape == (28, 4)
     assert l0["router"].dtype == np.dtype(ml_dtypes.bfloat16)   # routing stays high precision
+    # values out-major, HF's own [out, in] order: wq [N, H, D], wo [D, N, H], experts_w_down [E, D, F];
+    # each equals its HF tensor over the scale within e4m3's half ulp (|w| / s <= 448, so 2^-4 relative
+    # above the subnormals and 2^-10 absolute in units of s below)
+    hf = conftest.read_hf_tensors(hf_fixture("moe"))
+    for name, hf_name, shape in (("wq", "self_attn.q_proj.weight", (28, 4, 32)),
+                                 ("wo", "self_attn.o_proj.weight", (32, 28, 4)),
+                                 ("experts_w_down", "mlp.experts.5.down_proj.weight", (32, 16))):
+        q = l0[name][5] if name.startswith("experts") else l0[name]
+        sc = l0[name + "_scale"][5] if name.startswith("experts") else l0[name + "_scale"]
+        assert q.shape == shape, (name, q.shape)
+        w = hf["model.layers.0." + hf_name].astype(np.float32)
+        ratio = (w.reshape(sc.size, -1) / sc.reshape(-1, 1)).reshape(q.shape)
+        err = np.abs(q.astype(np.float32) - ratio)
+        assert (err <= np.maximum(U8 * np.abs(ratio), 2.0 ** -10) * (1 + 1e-6)).all(), name
+    # a checkpoint from before the out-major layout (no fp8_layout) is refused, naming the cure
+    cfg_file = dst / "zenjax_config.json"
+    old = json.loads(cfg_file.read_text())
+    del old["fp8_layout"]
+    cfg_file.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError, match="fp8_layout=None.*convert the checkpoint again"):
+        zenjax.load(dst, **KW)
     r = subprocess.run([sys.executable, "-m", "zenjax.convert", "--hf", str(hf_fixture("moe")), "--out",
                         str(tmp_path / "bad"), "--quantization", "int4"], capture_output=True, text=True,
                        cwd=tc.REPO, timeout=120)

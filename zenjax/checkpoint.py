@@ -1,7 +1,7 @@
 """The zenjax checkpoint format: how converted weights lie on disk, and how they are written and read.
 
     DST/zenjax_config.json   {"format": 1, "model": ModelConfig.to_dict(), "dtype": "bfloat16",
-                              "quantization": null | "fp8",
+                              "quantization": null | "fp8", "fp8_layout": "out_major" (fp8 only),
                               "generation": {...}, "sparse_attention_config": <json or null>, "source": {...}}
     DST/params/manifest.json {"items": [...], "params": {"layers/0/wq": {"shape": [..], "dtype": ".."}, ...}}
     DST/params/<item>/       one Orbax PyTree checkpoint per item (see `item_of`)
@@ -22,7 +22,9 @@ Write flow: `CheckpointWriter(dir, cfg, dtype)` -> `write_item(name, tree)` per 
 directory and renames it at the end, so a directory with zenjax_config.json is a complete checkpoint.
 
 With quantization "fp8" the linear layers are stored as float8_e4m3fn plus float32 "<name>_scale"
-params (zenjax/params.py, zenjax/fp8.py); "dtype" is then the dtype of everything else.
+params (zenjax/params.py, zenjax/fp8.py); "dtype" is then the dtype of everything else. The values are
+out-major ([out..., in...]); "fp8_layout" says so, and an fp8 checkpoint without it (written before
+2026-12-07 in the [in..., out...] order) is refused with a request to convert again.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ from zenjax.config import ConfigError, ModelConfig
 from zenjax.params import QUANTIZATIONS, ParamSpec, iter_paths, nested_set, param_specs
 
 FORMAT_VERSION = 1
+FP8_LAYOUT = "out_major"
 CONFIG_FILE = "zenjax_config.json"
 PARAMS_DIR = "params"
 MANIFEST_FILE = "manifest.json"
@@ -143,7 +146,7 @@ class CheckpointWriter:
         _write_json(self.dir / PARAMS_DIR / MANIFEST_FILE, manifest)
         _write_json(self.dir / CONFIG_FILE, {
             "format": FORMAT_VERSION, "model": self.cfg.to_dict(), "dtype": self.dtype,
-            "quantization": self.quantization,
+            "quantization": self.quantization, **({"fp8_layout": FP8_LAYOUT} if self.quantization else {}),
             "generation": dict(generation or {}), "sparse_attention_config": sparse_attention_config,
             "source": dict(source or {})})
 
@@ -194,6 +197,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
         raise CheckpointError(f"{f}: dtype={meta.get('dtype')!r} is not one of {DTYPES}")
     if meta.get("quantization") not in (None, *QUANTIZATIONS):
         raise CheckpointError(f"{f}: quantization={meta.get('quantization')!r} is not one of {QUANTIZATIONS}")
+    if meta.get("quantization") and meta.get("fp8_layout") != FP8_LAYOUT:
+        raise CheckpointError(f"{f}: fp8_layout={meta.get('fp8_layout')!r}: fp8 weights stored before the "
+                              f"{FP8_LAYOUT!r} layout; convert the checkpoint again")
     return cfg, meta
 
 

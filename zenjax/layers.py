@@ -54,56 +54,73 @@ def _flat_matmul_dims(eq: str, x_ndim: int, w_ndim: int):
     return nc
 
 
-def _fp8_kernel_linear(eq, x, w, out_dtype):
-    """The Pallas fp8 matmul when FP8_MATMUL and the shapes allow it, else None."""
+def _fp8_dims(eq, x, w):
+    """For a plain [M, Kd] x [Kd, Nd] product (eq = batch + contracted, contracted + out -> batch + out)
+    with an fp8 w (values out-major [out..., in...], scale [out...]): (batch shape, M, Kd, Nd), else None."""
     import math
+    nc = _flat_matmul_dims(eq, x.ndim, w.values.ndim)
+    if nc is None or w.values.ndim - w.scale.ndim != nc:
+        return None
+    batch = x.shape[:x.ndim - nc]
+    return batch, math.prod(batch), math.prod(w.values.shape[w.scale.ndim:]), w.scale.size
+
+
+def _fp8_kernel_linear(eq, x, w, out_dtype):
+    """The Pallas fp8 matmul (its [N, K] weight layout) when FP8_MATMUL and the shapes allow it, else None."""
     if FP8_MATMUL == "xla" or (FP8_MATMUL == "auto" and (jax.default_backend() != "gpu" or jax.device_count() > 1)):
         return None
     from pallas_kernels.fp8_matmul import config_for, fp8_matmul, supported
-    nc = _flat_matmul_dims(eq, x.ndim, w.values.ndim)
-    if nc is None:
+    dims = _fp8_dims(eq, x, w)
+    if dims is None:
         return None
-    batch, out_shape = x.shape[:x.ndim - nc], w.values.shape[nc:]
-    M, Kd, Nd = math.prod(batch), math.prod(w.values.shape[:nc]), math.prod(out_shape)
-    cfg = config_for(M, Kd, Nd)
-    if not supported(M, Kd, Nd, block_k=cfg.get("block_k", 128), block_n=cfg.get("block_n", 128)) or w.scale.size != Nd:
+    batch, M, Kd, Nd = dims
+    cfg = config_for(M, Kd, Nd, w_nk=True)
+    if not supported(M, Kd, Nd, block_k=cfg.get("block_k", 128), block_n=cfg.get("block_n", 128)):
         return None
-    y = fp8_matmul(x.reshape(M, Kd), w.values.reshape(Kd, Nd), w.scale.reshape(Nd), out_dtype=out_dtype or x.dtype,
-                   **cfg)
-    return y.reshape(batch + out_shape)
+    y = fp8_matmul(x.reshape(M, Kd), w.values.reshape(Nd, Kd), w.scale.reshape(Nd), out_dtype=out_dtype or x.dtype,
+                   w_nk=True, **cfg)
+    return y.reshape(batch + w.scale.shape)
 
 
 def _w8a8_linear(eq, x, w, out_dtype):
     """x quantized per row to e4m3, times the e4m3 weight on fp8 tensor cores, both scales applied after
-    the float32 accumulation: y[m, n] = (x8[m] . q[:, n]) * sx[m] * s[n]. None where eq is not a plain
-    [M, K] x [K, N] product."""
-    import math
-    nc = _flat_matmul_dims(eq, x.ndim, w.values.ndim)
-    if nc is None or w.scale.shape != w.values.shape[nc:]:
+    the float32 accumulation: y[m, n] = (x8[m] . q[n, :]) * sx[m] * s[n] (the out-major weight is the "TN"
+    operand cuBLASLt's fp8 GEMM wants). None where eq is not a plain [M, K] x [K, N] product."""
+    dims = _fp8_dims(eq, x, w)
+    if dims is None:
         return None
-    batch, out_shape = x.shape[:x.ndim - nc], w.values.shape[nc:]
-    M, Kd, Nd = math.prod(batch), math.prod(w.values.shape[:nc]), math.prod(out_shape)
+    batch, M, Kd, Nd = dims
     xf = x.reshape(M, Kd).astype(jnp.float32)
     sx = jnp.maximum(jnp.max(jnp.abs(xf), axis=1, keepdims=True), 1e-30) / 448.0          # [M, 1]
     x8 = (xf / sx).astype(jnp.float8_e4m3fn)
-    y = jax.lax.dot_general(x8, w.values.reshape(Kd, Nd), (((1,), (0,)), ((), ())),
+    y = jax.lax.dot_general(x8, w.values.reshape(Nd, Kd), (((1,), (1,)), ((), ())),
                             preferred_element_type=jnp.float32)
     y = y * sx * w.scale.reshape(1, Nd)
-    return y.astype(out_dtype or x.dtype).reshape(batch + out_shape)
+    return y.astype(out_dtype or x.dtype).reshape(batch + w.scale.shape)
+
+
+def fp8_eq(eq: str, w: Fp8Weight) -> str:
+    """eq (weight subscripts in the float layout's [in..., out...] order) with the weight's subscripts in
+    the fp8 values' out-major order: "btd,dnh->btnh" -> "btd,nhd->btnh"; "btnh,nhd->btd" -> "btnh,dnh->btd"."""
+    ins, out = eq.split("->")
+    xs, ws = ins.split(",")
+    nin = w.values.ndim - w.scale.ndim
+    return f"{xs},{ws[nin:]}{ws[:nin]}->{out}"
 
 
 def linear(eq: str, x, w, *, out_dtype=None):
     """x times weight w as the einsum `eq` (x's subscripts first), e.g. "btd,dnh->btnh" for wq.
     out_dtype: accumulate into and return this dtype (the router asks for float32).
 
-    fp8: (x @ values) * scale; every eq here ends with the weight's output subscripts, so the scale
-    [out...] broadcasts over the result's trailing dims. FP8_MATMUL may route decode-sized inputs
-    through the Pallas fp8 kernel (off by default)."""
+    fp8: (x @ values) * scale, with eq's weight subscripts permuted to the values' out-major order
+    (fp8_eq); every eq here ends with the weight's output subscripts, so the scale [out...] broadcasts
+    over the result's trailing dims. FP8_MATMUL may route decode-sized inputs through the Pallas fp8
+    kernel or the fp8 tensor cores (off by default)."""
     if isinstance(w, Fp8Weight):
         y = _w8a8_linear(eq, x, w, out_dtype) if FP8_MATMUL == "w8a8" else _fp8_kernel_linear(eq, x, w, out_dtype)
         if y is not None:
             return y
-        y = jnp.einsum(eq, x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
+        y = jnp.einsum(fp8_eq(eq, w), x, w.values.astype(x.dtype), preferred_element_type=out_dtype)
         return (y * w.scale).astype(y.dtype)
     return jnp.einsum(eq, x, w, preferred_element_type=out_dtype)
 
@@ -147,9 +164,12 @@ def grouped_linear(x, w, group_sizes, row_experts=None):
     Rows 0..group_sizes[0]-1 use w[0], the next group_sizes[1] rows w[1], and so on (the rows must be
     sorted by expert; sum(group_sizes) == M). Shapes are static; only the group boundaries are data.
     Example: group_sizes [2, 0, 1] -> rows 0, 1 use w[0], row 2 uses w[2].
-    row_experts [M]: each row's expert, needed for an fp8 w (its scale [E, O] is per expert)."""
+    row_experts [M]: each row's expert, needed for an fp8 w (values out-major [E, O, I]; its scale [E, O]
+    is per expert)."""
     if isinstance(w, Fp8Weight):
-        y = jax.lax.ragged_dot(x, w.values.astype(x.dtype), group_sizes)
+        dims = jax.lax.RaggedDotDimensionNumbers(dot_dimension_numbers=(((1,), (2,)), ((), ())),
+                                                 lhs_ragged_dimensions=[0], rhs_group_dimensions=[0])
+        y = jax.lax.ragged_dot_general(x, w.values.astype(x.dtype), group_sizes, dims)
         return (y * jnp.take(w.scale, row_experts, axis=0)).astype(y.dtype)
     y = _mgpu_ragged_dot(x, w, group_sizes)
     return jax.lax.ragged_dot(x, w, group_sizes) if y is None else y

@@ -98,7 +98,7 @@ def _gathered_experts(h, row_weight, row_expert, w_gate, w_up, w_down):
 
     def proj(x, w):
         if isinstance(w, Fp8Weight):
-            y = jnp.einsum("ri,rio->ro", x, jnp.take(w.values, row_expert, axis=0).astype(x.dtype))
+            y = jnp.einsum("ri,roi->ro", x, jnp.take(w.values, row_expert, axis=0).astype(x.dtype))  # out-major
             return (y * jnp.take(w.scale, row_expert, axis=0)).astype(y.dtype)
         return jnp.einsum("ri,rio->ro", x, jnp.take(w, row_expert, axis=0))
     ys = proj(jax.nn.silu(proj(xs, w_gate)) * proj(xs, w_up), w_down)
