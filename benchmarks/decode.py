@@ -49,7 +49,11 @@ def _time_blocks(engine: Engine, slots, calls: int) -> float:
     return (time.perf_counter() - t) / (calls * n)
 
 
-def measure(engine: Engine, contexts, warm: dict, steps: int = 32, calls: int = 8) -> list[dict]:
+def measure(engine: Engine, contexts, warm: dict, steps: int = 32, calls: int = 8,
+            linear_bytes: int = 2) -> list[dict]:
+    """Decode rows per context. linear_bytes: bytes per decoder-layer weight element a step reads (2 for
+    bf16; 1 for fp8 weights, whose float32 per-channel scales add < 0.1% and are left out); embeddings
+    and lm_head are counted at 2 bytes."""
     cfg, ec = engine.config, engine.engine_config
     slots = list(range(engine.max_batch))
     rows = []
@@ -75,7 +79,7 @@ def measure(engine: Engine, contexts, warm: dict, steps: int = 32, calls: int = 
         fp8 = "float8" in ec.cache_dtype           # e4m3 values + one float32 scale per (token, kv head)
         per_head = cfg.head_dim + 4 if fp8 else 2 * cfg.head_dim
         kv = 2 * cfg.num_layers * len(slots) * ctx * cfg.num_kv_heads * per_head
-        by = 2 * layer_params(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + kv
+        by = linear_bytes * layer_params(cfg) + 2 * cfg.vocab_size * cfg.hidden_size + kv
         dt = per["block"]
         row = dict(context=ctx, batch=len(slots), cache_len=engine.cache_len, dca=cfg.dca is not None,
                    attention=ec.attention, cache_dtype=ec.cache_dtype, decode_block=engine.decode_block,

@@ -141,7 +141,7 @@ def main(argv=None):
         del params
         if b == 1:
             out["prefill"] = prefill.measure(engine, lengths, warm)
-        out["decode"][str(b)] = decode.measure(engine, contexts, warm)
+        out["decode"][str(b)] = decode.measure(engine, contexts, warm, linear_bytes=1 if a.weights == "fp8" else 2)
         write_json(name, out)
         del engine
 

@@ -22,17 +22,21 @@ from zenjax.fp8 import Fp8Weight
 
 
 # fp8 weights at decode size (<= 16 rows): "kernel" runs the Pallas kernel pallas_kernels/fp8_matmul.py
-# (it streams e4m3 once; interpret mode on the CPU), "auto" uses it on a single GPU, "xla" never. The
-# default is "xla": measured on the H200 (2026-12-02, benchmarks/check_fp8_matmul.py, Qwen2.5-7B's
-# projections at 1 and 8 rows) the kernel took 45-66 us per matrix against 49-58 us for XLA's
-# `x @ w8.astype(bf16)` (gate/up 3584 x 18944: 55.7 vs 52.6 us, 1.2 TB/s of e4m3), so it does not yet pay.
+# on the out-major [N, K] values (it streams e4m3 once; interpret mode on the CPU), "auto" uses it on a
+# single GPU, "xla" never: XLA converts the e4m3 values to bf16 inside its dot. The default is "xla":
+# timed inside one jit (benchmarks/check_fp8_matmul.py, H100 2026-12-06, us per 7B matrix at 1 row) XLA
+# from [N, K] took q/o 16.9, k/v 8.0, gate/up 51.0 against the best kernel configs' 17.1, 12.5 and 47.5;
+# the kernel wins only some shapes, with per-shape configs (pallas_kernels.fp8_matmul.load_tuned), and
+# end to end (7B decode at 8K, H100 2026-12-07) it ran 4.88 ms/token against 4.71 for "xla".
+# (Earlier per-call timings, one dispatch per product, measured jax's ~40 us dispatch, not the matmul.)
 # Under a multi-device mesh only the XLA path runs (a Pallas call is not partitioned by GSPMD).
 #
 # "w8a8" runs the product on fp8 tensor cores (Hopper): each activation row is quantized to e4m3 with its
 # own scale (max |x| / 448, vLLM's dynamic per-token fp8), the e4m3 x e4m3 dot accumulates in float32
-# (XLA lowers it to cuBLASLt's fp8 GEMM), and the row and channel scales multiply the result. It reads
-# 1 byte per weight at every size, at the price of rounding the activations too (error model:
-# tests/test_fp8_weights.py: logits error 0.06-0.15 relative on the fixtures vs 0.04-0.11 weight-only).
+# (XLA lowers it to cuBLASLt's fp8 GEMM, whose "TN" operand order the out-major values already have), and
+# the row and channel scales multiply the result. It reads 1 byte per weight at every size, at the price
+# of rounding the activations too (error model: tests/test_fp8_weights.py: logits error 0.06-0.15
+# relative on the fixtures vs 0.04-0.11 weight-only).
 # The mode is read when a step is traced: set it before the first engine is built.
 FP8_MATMUL = "xla"
 FP8_MATMUL_MODES = ("xla", "kernel", "auto", "w8a8")
