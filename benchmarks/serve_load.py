@@ -316,11 +316,8 @@ def _wait_idle(metrics_port: int | None, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
-    ap.add_argument("--server-pid", type=int, help="its pid, for the RSS check")
-    ap.add_argument("--metrics-port", type=int, help="its metrics port, for the idle check")
+def add_load_args(ap: argparse.ArgumentParser) -> None:
+    """The load shape and report flags this script and serve_load_http.py share."""
     ap.add_argument("--server-args", default="--max-batch 4 --max-model-len 1024 --prefill-chunk 128",
                     help="arguments for the started server (default: %(default)s)")
     ap.add_argument("--clients", type=int, default=64)
@@ -331,6 +328,27 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--cancel-every", type=int, default=8)
     ap.add_argument("--json", help="also write the report here")
+
+
+def load_kwargs(a) -> dict:
+    """run_load / run_load_http keyword arguments from add_load_args' flags."""
+    return dict(clients=a.clients, rounds=a.rounds, n_distinct=a.distinct, short_len=a.short_len,
+                long_len=a.long_len, max_new_tokens=a.max_new_tokens, cancel_every=a.cancel_every)
+
+
+def write_report(report: dict, path: str | None) -> None:
+    print(json.dumps(report, indent=2))
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--server", help="HOST:PORT of a running server (default: start one)")
+    ap.add_argument("--server-pid", type=int, help="its pid, for the RSS check")
+    ap.add_argument("--metrics-port", type=int, help="its metrics port, for the idle check")
+    add_load_args(ap)
     a = ap.parse_args(argv)
     server = None
     target, pid, mport = a.server, a.server_pid, a.metrics_port
@@ -340,17 +358,12 @@ def main(argv=None) -> int:
                                 "--max-queue", str(max(64, a.clients))], env=server_env(platform=None))
         target, pid = server.target, server.proc.pid
     try:
-        report = run_load(target, clients=a.clients, rounds=a.rounds, n_distinct=a.distinct,
-                          short_len=a.short_len, long_len=a.long_len, max_new_tokens=a.max_new_tokens,
-                          cancel_every=a.cancel_every, server_pid=pid, metrics_port=mport)
+        report = run_load(target, **load_kwargs(a), server_pid=pid, metrics_port=mport)
     finally:
         if server is not None:
             rc = server.stop()
             print(f"server exit code after SIGTERM: {rc}", file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, a.json)
     return 0
 
 

@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.serve_load import (ServerProcess, _wait_idle, free_port, make_requests, rss_of_pid,  # noqa: E402
-                                   server_env)
+from benchmarks.serve_load import (ServerProcess, _wait_idle, add_load_args, free_port, load_kwargs,  # noqa: E402
+                                   make_requests, rss_of_pid, server_env, write_report)
 
 
 def _body(model, ids, sampling) -> dict:
@@ -159,31 +159,17 @@ def run_load_http(base_url: str, *, clients: int = 64, rounds: int = 2, n_distin
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--server-args", default="--max-batch 4 --max-model-len 1024 --prefill-chunk 128",
-                    help="arguments for the started server (default: %(default)s)")
-    ap.add_argument("--clients", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--distinct", type=int, default=16)
-    ap.add_argument("--short-len", type=int, default=24)
-    ap.add_argument("--long-len", type=int, default=400)
-    ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--cancel-every", type=int, default=8)
-    ap.add_argument("--json", help="also write the report here")
+    add_load_args(ap)
     a = ap.parse_args(argv)
     mport = free_port()
     server = ServerProcess([*shlex.split(a.server_args), "--metrics-port", str(mport), "--http-port", "0",
                             "--max-queue", str(max(64, a.clients))], env=server_env(platform=None))
     try:
-        report = run_load_http(server.http_url, clients=a.clients, rounds=a.rounds, n_distinct=a.distinct,
-                               short_len=a.short_len, long_len=a.long_len, max_new_tokens=a.max_new_tokens,
-                               cancel_every=a.cancel_every, server_pid=server.proc.pid, metrics_port=mport)
+        report = run_load_http(server.http_url, **load_kwargs(a), server_pid=server.proc.pid, metrics_port=mport)
     finally:
         rc = server.stop()
         print(f"server exit code after SIGTERM: {rc}", file=sys.stderr)
-    print(json.dumps(report, indent=2))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_report(report, a.json)
     return 0
 
 
