@@ -135,8 +135,9 @@ def main(argv=None):
         if a.weights == "fp8":
             params = to_fp8(cfg, params)
         # batch 1 also measures TTFT, so its cache holds the longest prompt; a batch of b slots holds only
-        # the decode contexts (b x 32K slots of A2.7B's 16 kv heads ran out of memory)
-        max_len = max((max(lengths) + 256) if b == 1 else 0, max(contexts) + 64)
+        # the decode contexts (b x 32K slots of A2.7B's 16 kv heads ran out of memory) plus the ~150 tokens
+        # decode.measure generates past each context
+        max_len = max((max(lengths) + 256) if b == 1 else 0, max(contexts) + 256)
         engine = prefill.make_engine(cfg, params, max_len, a.chunk, attention, "bfloat16", b)
         del params
         if b == 1:
