@@ -18,8 +18,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+
+# Synchronous CPU dispatch: a jitted call runs on the thread that makes it. Why: Mosaic GPU interpret mode
+# (tests/test_dca_prefill_mgpu.py, the sparse kernel's tests) runs each warpgroup as a jitted computation
+# on its own Python thread, and their barrier waits are host callbacks that block. With async dispatch the
+# computations run on XLA's CPU worker pool (one thread per core: 2 in CI), so two warpgroups blocked in a
+# barrier could hold the whole pool while the third, the one they wait for, never got a thread: a fresh
+# clone's suite hung there once (2026-12-07, two suites side by side on 2 cores). Results do not change;
+# only when a call returns. Set before any test touches a backend.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 FIXTURES_HF = Path(__file__).resolve().parent / "fixtures" / "hf"
 HF_FIXTURES = ("gqa7", "mha_tied", "odd_head_dim", "deep", "dca")
