@@ -25,10 +25,10 @@ import pytest
 # Synchronous CPU dispatch: a jitted call runs on the thread that makes it. Why: Mosaic GPU interpret mode
 # (tests/test_dca_prefill_mgpu.py, the sparse kernel's tests) runs each warpgroup as a jitted computation
 # on its own Python thread, and their barrier waits are host callbacks that block. With async dispatch the
-# computations run on XLA's CPU worker pool (one thread per core: 2 in CI), so two warpgroups blocked in a
-# barrier could hold the whole pool while the third, the one they wait for, never got a thread: a fresh
-# clone's suite hung there once (2026-12-07, two suites side by side on 2 cores). Results do not change;
-# only when a call returns. Set before any test touches a backend.
+# computations are handed to XLA's CPU worker threads, and a fresh clone's suite hung once (2026-12-07, two
+# suites side by side on 2 cores) with two warpgroups' callbacks blocked in a barrier on those threads
+# while the third warpgroup's computation waited to run (our reading of the thread dump: a starved pool).
+# Results do not change, only when a call returns. Set before any test touches a backend.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 FIXTURES_HF = Path(__file__).resolve().parent / "fixtures" / "hf"
