@@ -67,10 +67,10 @@ def test_default_put_gives_jax_arrays_and_dtype_cast(saved):
     import jax
     path, params = saved
     _, _, got = load_checkpoint(path, dtype="float32")
-    wq = got["layers"]["2"]["wq"]
-    assert isinstance(wq, jax.Array) and wq.dtype == np.float32 and wq.shape == (16, 28, 6)
-    np.testing.assert_array_equal(np.asarray(wq),
-                                  params["layers"]["2"]["wq"].astype(ml_dtypes.bfloat16).astype(np.float32))
+    w = got["layers"]["2"]["w_qkv"]
+    assert isinstance(w, jax.Array) and w.dtype == np.float32 and w.shape == (16, 4, 9, 6)   # [D, K, G+2, H]
+    np.testing.assert_array_equal(np.asarray(w),
+                                  params["layers"]["2"]["w_qkv"].astype(ml_dtypes.bfloat16).astype(np.float32))
 
 
 def test_one_item_per_layer_on_disk(saved):
@@ -106,6 +106,10 @@ def test_bad_config_file(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": 99, "model": {}}))
     with pytest.raises(CheckpointError, match="format"):
         read_config(tmp_path)
+    # format 1 stored q/k/v and gate/up separately: named, with what to do
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": 1, "model": {}}))
+    with pytest.raises(CheckpointError, match="format 1 .*convert the checkpoint again"):
+        read_config(tmp_path)
 
 
 def test_missing_and_corrupt_item(saved, tmp_path):
@@ -131,7 +135,7 @@ def test_writer_validates(tmp_path):
     with pytest.raises(ValueError, match="embed"):                    # wrong shape
         w.write_item("embed", {"embed": params["embed"][:5]})
     with pytest.raises(ValueError, match="expected"):                 # an item missing a param
-        w.write_item("layers/0", {"layers": {"0": {"wq": params["layers"]["0"]["wq"]}}})
+        w.write_item("layers/0", {"layers": {"0": {"wo": params["layers"]["0"]["wo"]}}})
     w.write_item("embed", {"embed": params["embed"]})
     with pytest.raises(ValueError, match="never written"):
         w.finish()

@@ -35,10 +35,28 @@ def load_np(path, dtype=None):
     return load_checkpoint(path, dtype=dtype, put=put)
 
 
-def expected_params(hf: dict[str, np.ndarray], cfg) -> dict[tuple, np.ndarray]:
-    """Our layout computed from HF tensors with explicit index formulas:
-    wq[d, n, h] = q_proj.weight[n*H + h, d];  wo[n, h, d] = o_proj.weight[d, n*H + h];  w_up[d, f] = up[f, d]."""
+def expected_attention(g, cfg) -> dict[str, np.ndarray]:
+    """A layer's attention params from its HF tensors (g(name) -> tensor) with explicit index formulas,
+    G = N / K:  w_qkv[d, k, j, h] = q_proj.weight[(k*G + j)*H + h, d] for j < G, k_proj.weight[k*H + h, d]
+    for j = G, v_proj.weight[k*H + h, d] for j = G+1 (biases alike);  wo[n, h, d] = o_proj.weight[d, n*H + h]."""
     D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
+    w = np.zeros((D, K, G + 2, H), np.float32)
+    b = np.zeros((K, G + 2, H), np.float32)
+    q, qb = g("self_attn.q_proj.weight"), g("self_attn.q_proj.bias")
+    for k in range(K):
+        for j in range(G + 2):
+            for h in range(H):
+                row, t, tb = (((k * G + j) * H + h, q, qb) if j < G else
+                              (k * H + h, *((g("self_attn.k_proj.weight"), g("self_attn.k_proj.bias")) if j == G
+                                            else (g("self_attn.v_proj.weight"), g("self_attn.v_proj.bias")))))
+                w[:, k, j, h], b[k, j, h] = t[row, :], tb[row]
+    return {"w_qkv": w, "b_qkv": b, "wo": g("self_attn.o_proj.weight").reshape(D, N, H).transpose(1, 2, 0)}
+
+
+def expected_params(hf: dict[str, np.ndarray], cfg) -> dict[tuple, np.ndarray]:
+    """Our layout computed from HF tensors with explicit index formulas (expected_attention;
+    w_gate_up[d, 0, f] = gate_proj.weight[f, d], [d, 1, f] = up_proj.weight[f, d]; w_down[f, d] = down[d, f])."""
     out = {("embed",): hf["model.embed_tokens.weight"], ("final_norm",): hf["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         out[("lm_head",)] = hf["lm_head.weight"]
@@ -47,12 +65,9 @@ def expected_params(hf: dict[str, np.ndarray], cfg) -> dict[tuple, np.ndarray]:
         L = ("layers", str(l))
         out[L + ("attn_norm",)] = g("input_layernorm.weight")
         out[L + ("mlp_norm",)] = g("post_attention_layernorm.weight")
-        for ours, hf_name, X in (("q", "q_proj", N), ("k", "k_proj", K), ("v", "v_proj", K)):
-            out[L + ("w" + ours,)] = g(f"self_attn.{hf_name}.weight").reshape(X, H, D).transpose(2, 0, 1)
-            out[L + ("b" + ours,)] = g(f"self_attn.{hf_name}.bias").reshape(X, H)
-        out[L + ("wo",)] = g("self_attn.o_proj.weight").reshape(D, N, H).transpose(1, 2, 0)
-        for ours, hf_name in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-            out[L + (ours,)] = g(f"mlp.{hf_name}.weight").T
+        out.update({L + (k,): v for k, v in expected_attention(g, cfg).items()})
+        out[L + ("w_gate_up",)] = np.stack([g("mlp.gate_proj.weight").T, g("mlp.up_proj.weight").T], axis=1)
+        out[L + ("w_down",)] = g("mlp.down_proj.weight").T
     return out
 
 
@@ -118,7 +133,7 @@ def test_dtype_honoured(dtype, npdt, hf_fixture, converted):
     assert_params_equal(params, cfg, read_hf_tensors(hf_fixture("gqa7")), dtype=npdt)
     # load-time cast back to float32 is exact (bf16/fp16 -> f32 widens)
     _, _, p32 = load_np(out, dtype="float32")
-    np.testing.assert_array_equal(p32["layers"]["1"]["wq"], params["layers"]["1"]["wq"].astype(np.float32))
+    np.testing.assert_array_equal(p32["layers"]["1"]["w_qkv"], params["layers"]["1"]["w_qkv"].astype(np.float32))
 
 
 def test_sharded_bf16_source(make_hf, converted, tmp_path):
@@ -326,7 +341,7 @@ def test_interrupt_mid_write_leaves_nothing(make_hf, tmp_path, monkeypatch):
 
     def read(self, spec, dtype):
         calls["n"] += 1
-        if calls["n"] == 20:           # item "layers/1": embed and layers/0 are already on disk
+        if calls["n"] == 12:           # item "layers/1" (7 reads a layer): embed and layers/0 are on disk
             raise KeyboardInterrupt
         return real(self, spec, dtype)
 
@@ -334,7 +349,7 @@ def test_interrupt_mid_write_leaves_nothing(make_hf, tmp_path, monkeypatch):
     dst = tmp_path / "a" / "b"
     with pytest.raises(KeyboardInterrupt):
         convert_checkpoint(make_hf(), dst, dtype="float32", progress=False)
-    assert calls["n"] == 20 and list(tmp_path.iterdir()) == []   # parents we created are gone too
+    assert calls["n"] == 12 and list(tmp_path.iterdir()) == []   # parents we created are gone too
 
 
 def test_progress_bar_only_when_enabled():

@@ -196,8 +196,11 @@ def test_train_export_roundtrip(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)   # float32, chunked vs one-shot
     # scale_qk(m) is the DCA temperature: scaling q and k by m scales every attention logit by m^2
     scaled = train.scale_qk(params, 1.3)
-    assert np.allclose(scaled["layers"]["0"]["wq"], 1.3 * np.asarray(params["layers"]["0"]["wq"]))
-    assert np.allclose(scaled["layers"]["1"]["bk"], 1.3 * np.asarray(params["layers"]["1"]["bk"]))
+    G = cfg.num_heads // cfg.num_kv_heads        # w_qkv [D, K, G+2, H]: q heads 0..G-1, k at G, v at G+1
+    w, w0 = np.asarray(scaled["layers"]["0"]["w_qkv"]), np.asarray(params["layers"]["0"]["w_qkv"])
+    assert np.allclose(w[:, :, :G + 1], 1.3 * w0[:, :, :G + 1]) and np.array_equal(w[:, :, G + 1], w0[:, :, G + 1])
+    b, b0 = np.asarray(scaled["layers"]["1"]["b_qkv"]), np.asarray(params["layers"]["1"]["b_qkv"])
+    assert np.allclose(b[:, G], 1.3 * b0[:, G]) and np.array_equal(b[:, G + 1], b0[:, G + 1])
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["dual_chunk_attention_config"] == {"chunk_size": 1024, "local_size": 128,
                                                      "original_max_position_embeddings": 2048}

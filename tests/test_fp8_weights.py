@@ -69,17 +69,22 @@ def test_fp8_checkpoint_layout(hf_fixture, tmp_path):
         assert x.dtype == np.dtype(ml_dtypes.float8_e4m3fn if want == "float8_e4m3fn" else want), path
         assert manifest["/".join(path)]["dtype"] == want
     l0 = params["layers"]["0"]                                   # sparse layer: 8 experts, width 16
-    assert l0["experts_w_down_scale"].shape == (8, 32) and l0["wq_scale"].shape == (28, 4)
+    assert l0["experts_w_down_scale"].shape == (8, 32) and l0["w_qkv_scale"].shape == (4, 9, 4)
     assert l0["router"].dtype == np.dtype(ml_dtypes.bfloat16)   # routing stays high precision
-    # values out-major, HF's own [out, in] order: wq [N, H, D], wo [D, N, H], experts_w_down [E, D, F];
+    # values out-major, HF's own [out, in] order: w_qkv [K, G+2, H, D] (q heads, k, v per kv head),
+    # wo [D, N, H], experts_w_down [E, D, F];
     # each equals its HF tensor over the scale within e4m3's half ulp (|w| / s <= 448, so 2^-4 relative
     # above the subnormals and 2^-10 absolute in units of s below)
     hf = conftest.read_hf_tensors(hf_fixture("moe"))
-    for name, hf_name, shape in (("wq", "self_attn.q_proj.weight", (28, 4, 32)),
+    part = {"q": np.s_[:, :7], "k": np.s_[:, 7], "experts_w_down": 5}      # G = 7 q heads per kv head
+    for name, hf_name, shape in (("q", "self_attn.q_proj.weight", (4, 7, 4, 32)),
+                                 ("k", "self_attn.k_proj.weight", (4, 4, 32)),
                                  ("wo", "self_attn.o_proj.weight", (32, 28, 4)),
                                  ("experts_w_down", "mlp.experts.5.down_proj.weight", (32, 16))):
-        q = l0[name][5] if name.startswith("experts") else l0[name]
-        sc = l0[name + "_scale"][5] if name.startswith("experts") else l0[name + "_scale"]
+        stored = "w_qkv" if name in "qk" else name
+        q, sc = l0[stored], l0[stored + "_scale"]
+        if name in part:
+            q, sc = q[part[name]], sc[part[name]]
         assert q.shape == shape, (name, q.shape)
         w = hf["model.layers.0." + hf_name].astype(np.float32)
         ratio = (w.reshape(sc.size, -1) / sc.reshape(-1, 1)).reshape(q.shape)

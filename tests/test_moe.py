@@ -228,16 +228,12 @@ def test_moe_fixture_converts_exactly(name, hf_fixture, converted):
     for l in range(cfg.num_layers):
         g = lambda s: hf[f"model.layers.{l}.{s}"]  # noqa: E731
         L = ("layers", str(l))
-        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         want[L + ("attn_norm",)] = g("input_layernorm.weight")
         want[L + ("mlp_norm",)] = g("post_attention_layernorm.weight")
-        for ours, hf_name, X in (("q", "q_proj", N), ("k", "k_proj", K), ("v", "v_proj", K)):
-            want[L + ("w" + ours,)] = g(f"self_attn.{hf_name}.weight").reshape(X, H, D).transpose(2, 0, 1)
-            want[L + ("b" + ours,)] = g(f"self_attn.{hf_name}.bias").reshape(X, H)
-        want[L + ("wo",)] = g("self_attn.o_proj.weight").reshape(D, N, H).transpose(1, 2, 0)
+        want.update({L + (k,): v for k, v in tc.expected_attention(g, cfg).items()})
         if not cfg.is_moe_layer(l):
-            for ours, hf_name in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
-                want[L + (ours,)] = g(f"mlp.{hf_name}.weight").T
+            want[L + ("w_gate_up",)] = np.stack([g("mlp.gate_proj.weight").T, g("mlp.up_proj.weight").T], axis=1)
+            want[L + ("w_down",)] = g("mlp.down_proj.weight").T
             continue
         E = cfg.moe.num_experts
         want[L + ("router",)] = g("mlp.gate.weight").T
@@ -325,13 +321,12 @@ def test_tensor_parallel_4_moe(hf_fixture, converted):
 def test_layout_round_trips_to_hf(name, hf_fixture):
     """to_hf_tensors inverts from_hf for every parameter (stacked experts included): the export path
     (benchmarks/passkey/train.py) writes back exactly the HF tensors."""
-    from zenjax.params import from_hf, param_specs, to_hf_tensors
+    from zenjax.params import from_hf_tensors, param_specs, to_hf_tensors
     hf = read_hf_tensors(hf_fixture(name))
     cfg = model_config_from_hf(json.loads((hf_fixture(name) / "config.json").read_text()))
     seen = set()
     for spec in param_specs(cfg).values():
-        rows = [from_hf(spec, hf[n]) for n in spec.hf_names]
-        ours = np.stack(rows) if spec.stacked else rows[0]
+        ours = from_hf_tensors(spec, hf)
         assert ours.shape == spec.shape
         for n, t in to_hf_tensors(spec, ours).items():
             np.testing.assert_array_equal(t, hf[n], err_msg=n)

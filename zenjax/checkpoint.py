@@ -1,9 +1,9 @@
 """The zenjax checkpoint format: how converted weights lie on disk, and how they are written and read.
 
-    DST/zenjax_config.json   {"format": 1, "model": ModelConfig.to_dict(), "dtype": "bfloat16",
+    DST/zenjax_config.json   {"format": 2, "model": ModelConfig.to_dict(), "dtype": "bfloat16",
                               "quantization": null | "fp8", "fp8_layout": "out_major" (fp8 only),
                               "generation": {...}, "sparse_attention_config": <json or null>, "source": {...}}
-    DST/params/manifest.json {"items": [...], "params": {"layers/0/wq": {"shape": [..], "dtype": ".."}, ...}}
+    DST/params/manifest.json {"items": [...], "params": {"layers/0/w_qkv": {"shape": [..], "dtype": ".."}, ...}}
     DST/params/<item>/       one Orbax PyTree checkpoint per item (see `item_of`)
     DST/tokenizer.json, ...  tokenizer and generation files copied verbatim from the HF directory
 
@@ -15,7 +15,7 @@ the host copy before the next item. Each item's tree is the sub-dict of the full
 same paths, so the full tree is simply the union of the items:
 
     item "embed"     -> {"embed": [V, D]}
-    item "layers/3"  -> {"layers": {"3": {"attn_norm": [D], "wq": [D, N, H], ...}}}
+    item "layers/3"  -> {"layers": {"3": {"attn_norm": [D], "w_qkv": [D, K, G+2, H], ...}}}
 
 Write flow: `CheckpointWriter(dir, cfg, dtype)` -> `write_item(name, tree)` per item as it completes ->
 `finish(...)` writes the manifest and zenjax_config.json last. The converter writes into a temporary
@@ -25,6 +25,9 @@ With quantization "fp8" the linear layers are stored as float8_e4m3fn plus float
 params (zenjax/params.py, zenjax/fp8.py); "dtype" is then the dtype of everything else. The values are
 out-major ([out..., in...]); "fp8_layout" says so, and an fp8 checkpoint without it (written before
 2026-12-07 in the [in..., out...] order) is refused with a request to convert again.
+
+Format 2 (2026-12-07) stores q|k|v and gate|up fused (zenjax/params.py); a format 1 checkpoint (separate
+wq / wk / wv, w_gate / w_up) is refused with a request to convert it again from its HF directory.
 """
 from __future__ import annotations
 
@@ -37,7 +40,7 @@ import numpy as np
 from zenjax.config import ConfigError, ModelConfig
 from zenjax.params import QUANTIZATIONS, ParamSpec, iter_paths, nested_set, param_specs
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FP8_LAYOUT = "out_major"
 CONFIG_FILE = "zenjax_config.json"
 PARAMS_DIR = "params"
@@ -187,6 +190,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
         meta = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{f}: unreadable ({e})") from e
+    if isinstance(meta, dict) and meta.get("format") == 1:
+        raise CheckpointError(f"{f}: format 1 (separate q/k/v and gate/up weights) is no longer read: convert "
+                              f"the checkpoint again from its Hugging Face directory (python -m zenjax.convert)")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or "model" not in meta:
         raise CheckpointError(f"{f}: not a zenjax checkpoint config of format {FORMAT_VERSION}")
     try:

@@ -100,7 +100,7 @@ class Engine:
         self._last_ids: tuple | None = None             # (prompt object, its int32 array): see _id_array
         # m(L) as the model applies it (q and k are multiplied by m cast to their dtype, model.py): the
         # values prefix reuse compares (sequence.reusable_prefix)
-        act = jnp.result_type(params["embed"].dtype, params["layers"]["0"]["bq"].dtype)
+        act = jnp.result_type(params["embed"].dtype, params["layers"]["0"]["b_qkv"].dtype)
         self._applied_temps = np.asarray(self.runner._temps_host).astype(act)
 
     @property

@@ -7,7 +7,7 @@ block (zenjax/moe.py) do not change with the weight format.
 
 Per decoder layer (zenjax/model.py runs the rotary, cache write and attention call between the two
 projections):
-    q, k, v = qkv_projection(w, rms(x))           [B, T, N|K, H]
+    q, k, v = qkv_projection(w, rms(x))           [B, T, N|K, H]   (one fused q|k|v product)
     x += output_projection(w, attention(...))     [B, T, D]
     x += dense_mlp(w, rms(x))   or   moe_mlp(w, rms(x), cfg.moe)  (zenjax/moe.py)
 `w` is the layer's {name: array} dict named as in zenjax/params.py.
@@ -113,7 +113,7 @@ def fp8_eq(eq: str, w: Fp8Weight) -> str:
 
 
 def linear(eq: str, x, w, *, out_dtype=None):
-    """x times weight w as the einsum `eq` (x's subscripts first), e.g. "btd,dnh->btnh" for wq.
+    """x times weight w as the einsum `eq` (x's subscripts first), e.g. "btd,dkgh->btkgh" for w_qkv.
     out_dtype: accumulate into and return this dtype (the router asks for float32).
 
     fp8: (x @ values) * scale, with eq's weight subscripts permuted to the values' out-major order
@@ -186,12 +186,19 @@ def swiglu(x, w_gate, w_up, w_down):
     return linear("...f,fd->...d", jax.nn.silu(gate) * up, w_down)
 
 
+def fused_swiglu(x, w_gate_up, w_down):
+    """swiglu with gate and up as one [D, 2, F] weight (zenjax/params.py: one product, not two)."""
+    gu = linear("...d,dsf->...sf", x, w_gate_up)
+    return linear("...f,fd->...d", jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], w_down)
+
+
 def qkv_projection(w: dict, h):
-    """h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], with their biases."""
-    q = linear("btd,dnh->btnh", h, w["wq"]) + w["bq"]
-    k = linear("btd,dkh->btkh", h, w["wk"]) + w["bk"]
-    v = linear("btd,dkh->btkh", h, w["wv"]) + w["bv"]
-    return q, k, v
+    """h [B, T, D] -> q [B, T, N, H], k and v [B, T, K, H], with their biases: one product with the fused
+    w_qkv [D, K, G+2, H] (per kv head its G q heads, its k, its v; zenjax/params.py), then split. q head
+    n = k * G + g is kv head k's g-th q head, HF's grouping, so the reshape [K, G] -> N is the identity."""
+    y = linear("btd,dkgh->btkgh", h, w["w_qkv"]) + w["b_qkv"]
+    B, T, K, G2, H = y.shape
+    return y[:, :, :, :G2 - 2].reshape(B, T, K * (G2 - 2), H), y[:, :, :, G2 - 2], y[:, :, :, G2 - 1]
 
 
 def output_projection(w: dict, a):
@@ -201,4 +208,4 @@ def output_projection(w: dict, a):
 
 def dense_mlp(w: dict, h):
     """A dense layer's MLP: h [B, T, D] -> [B, T, D]."""
-    return swiglu(h, w["w_gate"], w["w_up"], w["w_down"])
+    return fused_swiglu(h, w["w_gate_up"], w["w_down"])

@@ -9,7 +9,7 @@ Dimension alphabet, used in every einsum, shape comment and name in zenjax:
 One step of the model (prefill chunk or decode) for the tokens [B, T] at absolute positions
 q_start + [0, T):
     x = embed[tokens]                                            [B, T, D]
-    per layer:  h = rms(x);  q, k, v = h @ wq + bq, ...          [B, T, N|K, H]   (zenjax/layers.py)
+    per layer:  h = rms(x);  q, k, v = h @ w_qkv + b_qkv, split   [B, T, N|K, H]   (zenjax/layers.py)
                 rotate (plain RoPE by position; DCA: k by j mod s, q three ways; temperature m on q, k)
                 write k, v into the cache at their positions (positions >= S are dropped: padding)
                 a = attention(q, cache, impl)  -> x += a @ wo;   x += mlp(rms(x))
@@ -118,7 +118,7 @@ def rms_norm(x, w, eps: float):
 
 class Block(nnx.Module):
     """One decoder layer's weights (names and shapes: zenjax/params.py; a Qwen2-MoE sparse layer has
-    router / experts_w_* / shared_* where a dense layer has w_gate / w_up / w_down)."""
+    router / experts_w_* / shared_* where a dense layer has w_gate_up / w_down)."""
 
     def __init__(self, cfg: ModelConfig, l: int, arrays: dict):
         specs = layer_param_specs(cfg, l, quantization_of(arrays))

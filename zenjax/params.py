@@ -10,20 +10,33 @@ one of two transforms (HF nn.Linear weights are [out, in]):
     LINEAR  ours = hf.T.reshape(shape)               [out, in] -> [in..., out...]
             (fp8 values: hf.reshape(shape), out_major [out..., in...]; see below)
 
-and a parameter either comes from one tensor or is `stacked`: E tensors, one per expert, transformed
-one by one into rows 0..E-1 of our axis 0 (the converter reads them in turn into one array).
+and a parameter comes from one tensor, or is `stacked`: E tensors, one per expert, transformed one by
+one into rows 0..E-1 of our axis 0 (the converter reads them in turn into one array), or is `fused`:
+several tensors that multiply the same input, each transformed into its `parts[i]` entries of axis
+`part_axis`, one after the other (q|k|v and gate|up: one matmul instead of three or two).
+
+Why fused: a decode step multiplies one row by every weight, and a small product cannot fill the GPU:
+timed inside one jit on an H100 (RESULTS.md, session 9) 7B's k_proj (3584 -> 512, 3.7 MB) took 25.9 us,
+about as long as q_proj (25.7 MB, 27.2 us). With q|k|v and gate|up fused, 7B decode at 8K went from
+6.237 to 5.999 ms/token at batch 1 and from 7.38 to 6.98 ms/step at batch 8 (H100, same lease,
+2026-12-07), and the step's 113 matmuls then stream their weights at the copy rate. The layout of
+w_qkv groups by kv head so that tensor parallelism over kv heads splits it as it splits the KV cache:
+kv head k's slice [:, k] holds its G q heads, then its key, then its value. When tensor_parallel exceeds
+K (kv heads replicated, zenjax/sharding.py), each device of a kv head computes the G q heads of its
+group and keeps its own share.
 
 Paths are tuples of strings; layer l lives under ("layers", str(l), ...). HF -> zenjax:
 
     model.embed_tokens.weight        [V, D]      -> ("embed",)                 [V, D]      COPY
     ...layers.l.input_layernorm      [D]         -> ("layers", l, "attn_norm") [D]         COPY
-    ...self_attn.q_proj.weight       [N*H, D]    -> (..., "wq")                [D, N, H]   LINEAR
-    ...self_attn.q_proj.bias         [N*H]       -> (..., "bq")                [N, H]      COPY
-    ...self_attn.k_proj / v_proj     [K*H, D]    -> "wk" / "wv"                [D, K, H];  biases [K, H]
+    ...self_attn.q_proj.weight       [N*H, D]  \
+    ...self_attn.k_proj.weight       [K*H, D]   > -> (..., "w_qkv")           [D, K, G+2, H]  LINEAR, fused
+    ...self_attn.v_proj.weight       [K*H, D]  /      (parts G, 1, 1 along axis 2)
+    ...q_proj / k_proj / v_proj .bias            -> (..., "b_qkv")             [K, G+2, H]     COPY, fused
     ...self_attn.o_proj.weight       [D, N*H]    -> "wo"                       [N, H, D]   LINEAR
     ...post_attention_layernorm      [D]         -> "mlp_norm"                 [D]
   dense layer (Qwen2; Qwen2-MoE's mlp_only_layers / off-step layers):
-    ...mlp.gate_proj / up_proj       [F, D]      -> "w_gate" / "w_up"          [D, F]      LINEAR
+    ...mlp.gate_proj + up_proj       [F, D] x 2  -> "w_gate_up"                [D, 2, F]   LINEAR, fused
     ...mlp.down_proj                 [D, F]      -> "w_down"                   [F, D]      LINEAR
   MoE layer (Qwen2-MoE, spec 1.2; F = moe_intermediate_size, Fs = shared_expert_intermediate_size):
     ...mlp.gate.weight               [E, D]      -> "router"                   [D, E]      LINEAR
@@ -37,15 +50,18 @@ Paths are tuples of strings; layer l lives under ("layers", str(l), ...). HF -> 
     model.norm.weight                [D]         -> ("final_norm",)            [D]
     lm_head.weight                   [V, D]      -> ("lm_head",)               [V, D]  (absent when tied)
 
-Example: expert 3's gate_proj of layer 0, [F, D] in HF, becomes experts_w_gate[3] = gate_proj.T [D, F].
+Examples: expert 3's gate_proj of layer 0, [F, D] in HF, becomes experts_w_gate[3] = gate_proj.T [D, F].
+With 28 q / 4 kv heads (G = 7), w_qkv[:, 1, 0:7] = q_proj.T's heads 7..13, w_qkv[:, 1, 7] = k_proj.T's
+head 1, w_qkv[:, 1, 8] = v_proj.T's head 1.
 
 fp8 weights (`quantization="fp8"`, zenjax/fp8.py): every name in FP8_WEIGHTS is stored as float8_e4m3fn
 values `out_major`, in HF's own [out..., in...] order (after the expert axis), plus a float32
-"<name>_scale" with one entry per output channel (and expert): wq [D, N, H] -> wq e4m3 [N, H, D] and
-wq_scale [N, H]; experts_w_down [E, F, D] -> e4m3 [E, D, F] and scale [E, D]. Why out-major: a decode
-step multiplies one or a few rows by each weight, so the matmul streams the weight once and each output
-channel reduces over a contiguous run of in-values; measured on an H100 (2026-12-06, RESULTS.md) XLA's
-convert-and-dot of 7B's q_proj at 1 row took 16.9 us from [N, K] against 22.7 us from [K, N] (bf16: 27.2).
+"<name>_scale" with one entry per output channel (and expert): w_qkv [D, K, G+2, H] -> e4m3
+[K, G+2, H, D] and w_qkv_scale [K, G+2, H]; experts_w_down [E, F, D] -> e4m3 [E, D, F] and scale
+[E, D]. Why out-major: a decode step multiplies one or a few rows by each weight, so the matmul streams
+the weight once and each output channel reduces over a contiguous run of in-values; measured on an H100
+(2026-12-06, RESULTS.md) XLA's convert-and-dot of 7B's q_proj at 1 row took 16.9 us from [N, K] against
+22.7 us from [K, N] (bf16: 27.2).
 Scales have no HF tensor (hf_names is empty): the converter or the loader derives them from the weight.
 """
 from __future__ import annotations
@@ -62,7 +78,7 @@ QUANTIZATIONS = ("fp8",)
 FP8_DTYPE = "float8_e4m3fn"
 # The linear layers stored in fp8. Not quantized: embeddings, norms, biases, the lm_head (the logits'
 # precision sets greedy ties), and the MoE router and shared-expert gate (tiny; routing is discontinuous).
-FP8_WEIGHTS = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "experts_w_gate", "experts_w_up",
+FP8_WEIGHTS = frozenset({"w_qkv", "wo", "w_gate_up", "w_down", "experts_w_gate", "experts_w_up",
                          "experts_w_down", "shared_w_gate", "shared_w_up", "shared_w_down"})
 
 
@@ -76,15 +92,21 @@ class ParamSpec:
     stacked: bool = False          # hf_names[e] becomes row e of our axis 0
     dtype: str | None = None       # stored dtype when fixed (fp8 values, float32 scales); None: the checkpoint's
     out_major: bool = False        # LINEAR stored [E?, out..., in...] (HF's order, no transpose): fp8 values
+    parts: tuple[int, ...] = ()    # fused: hf_names[i] fills parts[i] entries of axis part_axis, in turn
+    part_axis: int = 0             # (an output axis of element_shape); hf_shape is then the HF tensors
+                                   # concatenated along out: ((sum of outs), in) or ((sum,)) for biases
 
     def __post_init__(self):
         if self.transform not in TRANSFORMS:
             raise ValueError(f"transform {self.transform!r}: expected one of {TRANSFORMS}")
         if len(self.axes) != len(self.shape):
             raise ValueError(f"{self.hf_names[:1]}: axes {self.axes} do not match shape {self.shape}")
-        n = self.shape[0] if self.stacked else 1
+        n = self.shape[0] if self.stacked else len(self.parts) or 1
         if self.derived:
             return
+        if self.parts and (self.stacked or sum(self.parts) != self.element_shape[self.part_axis]):
+            raise ValueError(f"{self.hf_names[0]}: parts {self.parts} do not fill axis {self.part_axis} of "
+                             f"{self.element_shape}" + (" (stacked and fused)" if self.stacked else ""))
         if len(self.hf_names) != n:
             raise ValueError(f"{self.hf_names[0]}: {len(self.hf_names)} HF tensors for {n} rows")
         if math.prod(self.hf_shape) != math.prod(self.element_shape):
@@ -115,10 +137,30 @@ class ParamSpec:
         return self.shape[1:] if self.stacked else self.shape
 
     @property
+    def fused(self) -> bool:
+        return bool(self.parts)
+
+    def part(self, i: int) -> "ParamSpec":
+        """A fused parameter's i-th tensor as a parameter of its own (its slice of part_axis)."""
+        shape = list(self.shape)
+        shape[self.part_axis] = self.parts[i]
+        total = sum(self.parts)
+        hf_shape = ((self.hf_shape[0] * self.parts[i] // total,) + self.hf_shape[1:] if self.transform == LINEAR
+                    else (math.prod(shape),))
+        return dataclasses.replace(self, shape=tuple(shape), hf_names=(self.hf_names[i],), hf_shape=hf_shape,
+                                   parts=(), part_axis=0)
+
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF name: the shape that tensor must have}."""
+        if self.fused:
+            return {n: self.part(i).hf_shape for i, n in enumerate(self.hf_names)}
+        return {n: self.hf_shape for n in self.hf_names}
+
+    @property
     def hf_name(self) -> str:
         """The one HF key of an unstacked parameter."""
-        if self.stacked:
-            raise ValueError(f"{self.hf_names[0]}...: a stacked parameter has {len(self.hf_names)} HF tensors")
+        if len(self.hf_names) != 1:
+            raise ValueError(f"{self.hf_names[0]}...: a stacked or fused parameter has {len(self.hf_names)} HF tensors")
         return self.hf_names[0]
 
 
@@ -129,6 +171,18 @@ def _copy(shape, axes, name, hf_shape=None) -> ParamSpec:
 def _linear(ins, outs, axes, name) -> ParamSpec:
     """HF [prod(outs), prod(ins)] -> ours [*ins, *outs]."""
     return ParamSpec(tuple(ins) + tuple(outs), tuple(axes), (name,), (math.prod(outs), math.prod(ins)), LINEAR)
+
+
+def _fused_linear(ins, outs, axis, parts, axes, names) -> ParamSpec:
+    """HF tensors [prod(outs) * parts[i] / sum(parts), prod(ins)] -> ours [*ins, *outs], tensor i filling
+    its parts[i] entries of outs[axis]."""
+    return ParamSpec(tuple(ins) + tuple(outs), tuple(axes), tuple(names), (math.prod(outs), math.prod(ins)),
+                     LINEAR, parts=tuple(parts), part_axis=len(ins) + axis)
+
+
+def _fused_copy(shape, axis, parts, axes, names) -> ParamSpec:
+    return ParamSpec(tuple(shape), tuple(axes), tuple(names), (math.prod(shape),), COPY, parts=tuple(parts),
+                     part_axis=axis)
 
 
 def _stacked_linear(E, ins, outs, axes, names) -> ParamSpec:
@@ -155,7 +209,8 @@ def fp8_specs(name: str, spec: ParamSpec) -> dict[str, ParamSpec]:
                       COPY, dtype="float32")
     order = out_major_order(spec)
     values = dataclasses.replace(spec, shape=tuple(spec.shape[i] for i in order),
-                                 axes=tuple(spec.axes[i] for i in order), dtype=FP8_DTYPE, out_major=True)
+                                 axes=tuple(spec.axes[i] for i in order), dtype=FP8_DTYPE, out_major=True,
+                                 part_axis=order.index(spec.part_axis) if spec.fused else 0)
     return {name: values, scale_name(name): scale}
 
 
@@ -176,22 +231,21 @@ def layer_param_specs(cfg: ModelConfig, l: int, quantization: str | None = None)
 
 def _layer_param_specs(cfg: ModelConfig, l: int) -> dict[str, ParamSpec]:
     D, F, N, K, H = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
     p = f"model.layers.{l}."
+    qkv = [p + f"self_attn.{x}_proj." for x in "qkv"]
     specs = {
         "attn_norm": _copy((D,), ("norm",), p + "input_layernorm.weight"),
-        "wq": _linear((D,), (N, H), ("embed", "q_heads", "head_dim"), p + "self_attn.q_proj.weight"),
-        "bq": _copy((N, H), ("q_heads", "head_dim"), p + "self_attn.q_proj.bias", (N * H,)),
-        "wk": _linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), p + "self_attn.k_proj.weight"),
-        "bk": _copy((K, H), ("kv_heads", "head_dim"), p + "self_attn.k_proj.bias", (K * H,)),
-        "wv": _linear((D,), (K, H), ("embed", "kv_heads", "head_dim"), p + "self_attn.v_proj.weight"),
-        "bv": _copy((K, H), ("kv_heads", "head_dim"), p + "self_attn.v_proj.bias", (K * H,)),
+        "w_qkv": _fused_linear((D,), (K, G + 2, H), 1, (G, 1, 1), ("embed", "kv_heads", "qkv", "head_dim"),
+                               [x + "weight" for x in qkv]),
+        "b_qkv": _fused_copy((K, G + 2, H), 1, (G, 1, 1), ("kv_heads", "qkv", "head_dim"), [x + "bias" for x in qkv]),
         "wo": _linear((N, H), (D,), ("q_heads", "head_dim", "embed"), p + "self_attn.o_proj.weight"),
         "mlp_norm": _copy((D,), ("norm",), p + "post_attention_layernorm.weight"),
     }
     if not cfg.is_moe_layer(l):
         specs.update({
-            "w_gate": _linear((D,), (F,), ("embed", "mlp"), p + "mlp.gate_proj.weight"),
-            "w_up": _linear((D,), (F,), ("embed", "mlp"), p + "mlp.up_proj.weight"),
+            "w_gate_up": _fused_linear((D,), (2, F), 0, (1, 1), ("embed", "gate_up", "mlp"),
+                                       [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]),
             "w_down": _linear((F,), (D,), ("mlp", "embed"), p + "mlp.down_proj.weight"),
         })
         return specs
@@ -229,14 +283,34 @@ def param_specs(cfg: ModelConfig, quantization: str | None = None) -> dict[tuple
 
 def from_hf(spec: ParamSpec, x):
     """One HF numpy tensor -> our layout of it (`spec.element_shape`; numpy in, numpy out; no copy beyond
-    the transpose). A stacked parameter is the E results stacked (the converter fills the rows)."""
+    the transpose). A stacked parameter is the E results stacked (the converter fills the rows); a fused
+    one is its parts' results concatenated (from_hf_tensors)."""
+    if spec.fused:
+        raise ValueError(f"{spec.hf_names}: a fused parameter is made of {len(spec.parts)} tensors (from_hf_tensors)")
     if tuple(x.shape) != spec.hf_shape:
         raise ValueError(f"{spec.hf_names[0]}: got shape {list(x.shape)}, expected {list(spec.hf_shape)}")
     return (x if spec.transform == COPY or spec.out_major else x.T).reshape(spec.element_shape)
 
 
+def from_hf_tensors(spec: ParamSpec, tensors) -> "np.ndarray":
+    """The parameter `spec` from {HF name: numpy tensor} (every kind: one tensor, stacked, fused)."""
+    import numpy as np
+    if spec.fused:
+        return np.concatenate([from_hf(spec.part(i), tensors[n]) for i, n in enumerate(spec.hf_names)],
+                              axis=spec.part_axis)
+    rows = [from_hf(spec, tensors[n]) for n in spec.hf_names]
+    return np.stack(rows) if spec.stacked else rows[0]
+
+
 def to_hf_tensors(spec: ParamSpec, x) -> dict:
-    """Our layout -> {HF name: tensor} (for exporting a trained model): the inverse of from_hf."""
+    """Our layout -> {HF name: tensor} (for exporting a trained model): the inverse of from_hf_tensors."""
+    if spec.fused:
+        import numpy as np
+        cuts = np.cumsum(spec.parts)[:-1]
+        out = {}
+        for i, piece in enumerate(np.split(np.asarray(x), cuts, axis=spec.part_axis)):
+            out.update(to_hf_tensors(spec.part(i), piece))
+        return out
     rows = list(x) if spec.stacked else [x]
     out = {}
     for name, r in zip(spec.hf_names, rows):
@@ -248,7 +322,7 @@ def to_hf_tensors(spec: ParamSpec, x) -> dict:
 
 
 def to_hf(spec: ParamSpec, x):
-    """to_hf_tensors for an unstacked parameter: the one HF tensor."""
+    """to_hf_tensors for a parameter of one HF tensor: that tensor."""
     return to_hf_tensors(spec, x)[spec.hf_name]
 
 

@@ -38,6 +38,8 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "vocab": None, "embed": None, "norm": None, "head_dim": None,
     "q_heads": HEAD_AXES, "kv_heads": "tp", "mlp": HEAD_AXES,
     "batch": None, "cache_seq": None,
+    # the part axes of fused weights (zenjax/params.py): w_qkv's q|k|v within a kv head, w_gate_up's gate|up
+    "qkv": None, "gate_up": None,
     # Qwen2-MoE: the stacked expert weights [E, ...] name their expert axis "experts" (split over "ep"),
     # each expert's width "expert_mlp" (tensor parallel like "mlp"); the router [D, E] is small and stays
     # replicated, so every device routes every token the same way.

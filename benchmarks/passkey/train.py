@@ -18,7 +18,8 @@ Walk:
    through DCA with a smaller chunk c (local c / 8), so one training prompt spans several DCA chunks;
    no sequence and no relative distance exceeds 2K. DCA temperature augmentation: at inference DCA
    multiplies q and k by m(L) = 1 + 0.1 ln(L / 2048)
-   (m = 1.28 at 32K, 1.42 at 128K). Since RoPE is linear, scaling wq, bq, wk, bk by m is the same thing;
+   (m = 1.28 at 32K, 1.42 at 128K). Since RoPE is linear, scaling the q and k projections (weights and
+   biases) by m is the same thing;
    half of the steps draw m ~ U(1, 1.45) so the model sees the sharper attention it will meet at 16-64x;
 5. AdamW (b2 0.95, wd 0.1, clip 1.0), linear warmup + cosine decay to 10%, scheduled on the fraction of
    the --steps or --seconds budget (compilation is done ahead of time and not counted);
@@ -52,7 +53,7 @@ from data import TOKENIZER_DIR, Prefetcher, check_concatenation, load_tokenizer 
 
 from zenjax.config import DCAConfig, ModelConfig  # noqa: E402
 from zenjax.model import KVCache, Qwen2, StepInputs, init_params  # noqa: E402
-from zenjax.params import param_specs, to_hf  # noqa: E402
+from zenjax.params import param_specs, to_hf_tensors  # noqa: E402
 
 TRAIN_LEN = 2048
 # The config written into the export (and shipped): chunk c = 1024 = half the training length, local
@@ -71,9 +72,13 @@ def model_config(vocab_size: int, sizes: dict) -> ModelConfig:
 
 
 def scale_qk(params: dict, m):
-    """Multiply every layer's q and k projections (weights and biases) by m: the DCA temperature."""
-    layers = {l: dict(p, wq=p["wq"] * m, bq=p["bq"] * m, wk=p["wk"] * m, bk=p["bk"] * m)
-              for l, p in params["layers"].items()}
+    """Multiply every layer's q and k projections (weights and biases) by m: the DCA temperature. In the
+    fused w_qkv [D, K, G+2, H] and b_qkv [K, G+2, H] (zenjax/params.py) q and k are entries 0..G of the
+    part axis; v (entry G+1) keeps its scale."""
+    def qk(x, axis):
+        f = jnp.ones((x.shape[axis],), x.dtype).at[:-1].set(m)
+        return x * f.reshape((-1,) + (1,) * (x.ndim - 1 - axis))
+    layers = {l: dict(p, w_qkv=qk(p["w_qkv"], 2), b_qkv=qk(p["b_qkv"], 1)) for l, p in params["layers"].items()}
     return dict(params, layers=layers)
 
 
@@ -146,11 +151,11 @@ def hf_config(cfg: ModelConfig, bos: int, eos: int) -> dict:
 def load_hf_params(cfg: ModelConfig, src: Path) -> dict:
     """Params dict from an HF directory written by export_hf (to continue training a checkpoint)."""
     from safetensors.numpy import load_file
-    from zenjax.params import from_hf, nested_set
+    from zenjax.params import from_hf_tensors, nested_set
     tensors = load_file(str(Path(src) / "model.safetensors"))
     params: dict = {}
     for path, spec in param_specs(cfg).items():
-        nested_set(params, path, jnp.asarray(from_hf(spec, tensors[spec.hf_name])))
+        nested_set(params, path, jnp.asarray(from_hf_tensors(spec, tensors)))
     return params
 
 
@@ -170,8 +175,8 @@ def export_hf(cfg: ModelConfig, params: dict, tok, dst: Path) -> None:
         x = params
         for k in path:
             x = x[k]
-        t = to_hf(spec, np.asarray(x, np.float32))
-        tensors[spec.hf_name] = np.ascontiguousarray(t)
+        for name, t in to_hf_tensors(spec, np.asarray(x, np.float32)).items():
+            tensors[name] = np.ascontiguousarray(t)
     save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -135,15 +135,15 @@ class HFSource:
 
     def check(self) -> None:
         """Every expected tensor present with the right shape and a float dtype; nothing unexpected."""
-        specs = {name: s for s in param_specs(self.cfg).values() for name in s.hf_names}
+        specs = {name: shape for s in param_specs(self.cfg).values() for name, shape in s.hf_shapes().items()}
         problems = self._expert_count_problems()
-        for name, spec in specs.items():
+        for name, shape in specs.items():
             info = self.tensors.get(name)
             if info is None:
                 problems.append(f"missing tensor '{name}' (not in any of {self.files})")
-            elif info.shape != spec.hf_shape:
+            elif info.shape != shape:
                 problems.append(f"tensor '{name}' in {info.file} has shape {list(info.shape)}, but config.json "
-                                f"implies {list(spec.hf_shape)}")
+                                f"implies {list(shape)}")
             elif info.dtype not in FLOAT_DTYPES:
                 problems.append(f"tensor '{name}' in {info.file} has dtype {info.dtype} "
                                 f"(supported: {', '.join(sorted(FLOAT_DTYPES))}; quantized checkpoints are not)")
@@ -188,7 +188,11 @@ class HFSource:
 
     def read(self, spec: ParamSpec, dtype: np.dtype) -> np.ndarray:
         """One parameter, transformed to our layout and cast to `dtype`, C-contiguous. A stacked one is
-        filled row by row: only one expert tensor is held besides the result."""
+        filled row by row: only one expert tensor is held besides the result; a fused one is its tensors
+        concatenated along its part axis (q|k|v, gate|up)."""
+        if spec.fused:
+            return np.concatenate([self._read_one(n, spec.part(i), dtype) for i, n in enumerate(spec.hf_names)],
+                                  axis=spec.part_axis)
         if not spec.stacked:
             return np.ascontiguousarray(self._read_one(spec.hf_name, spec, dtype))
         out = np.empty(spec.shape, dtype)
