@@ -43,14 +43,14 @@ def expected_attention(g, cfg) -> dict[str, np.ndarray]:
     G = N // K
     w = np.zeros((D, K, G + 2, H), np.float32)
     b = np.zeros((K, G + 2, H), np.float32)
-    q, qb = g("self_attn.q_proj.weight"), g("self_attn.q_proj.bias")
+    q, k_, v = (g(f"self_attn.{x}_proj.weight") for x in "qkv")
+    qb, kb, vb = (g(f"self_attn.{x}_proj.bias") for x in "qkv")
     for k in range(K):
-        for j in range(G + 2):
-            for h in range(H):
-                row, t, tb = (((k * G + j) * H + h, q, qb) if j < G else
-                              (k * H + h, *((g("self_attn.k_proj.weight"), g("self_attn.k_proj.bias")) if j == G
-                                            else (g("self_attn.v_proj.weight"), g("self_attn.v_proj.bias")))))
-                w[:, k, j, h], b[k, j, h] = t[row, :], tb[row]
+        for h in range(H):
+            for j in range(G):
+                w[:, k, j, h], b[k, j, h] = q[(k * G + j) * H + h], qb[(k * G + j) * H + h]
+            w[:, k, G, h], b[k, G, h] = k_[k * H + h], kb[k * H + h]
+            w[:, k, G + 1, h], b[k, G + 1, h] = v[k * H + h], vb[k * H + h]
     return {"w_qkv": w, "b_qkv": b, "wo": g("self_attn.o_proj.weight").reshape(D, N, H).transpose(1, 2, 0)}
 
 

@@ -81,7 +81,7 @@ def test_fp8_checkpoint_layout(hf_fixture, tmp_path):
                                  ("k", "self_attn.k_proj.weight", (4, 4, 32)),
                                  ("wo", "self_attn.o_proj.weight", (32, 28, 4)),
                                  ("experts_w_down", "mlp.experts.5.down_proj.weight", (32, 16))):
-        stored = "w_qkv" if name in "qk" else name
+        stored = "w_qkv" if name in ("q", "k") else name
         q, sc = l0[stored], l0[stored + "_scale"]
         if name in part:
             q, sc = q[part[name]], sc[part[name]]

@@ -321,11 +321,6 @@ def to_hf_tensors(spec: ParamSpec, x) -> dict:
     return out
 
 
-def to_hf(spec: ParamSpec, x):
-    """to_hf_tensors for a parameter of one HF tensor: that tensor."""
-    return to_hf_tensors(spec, x)[spec.hf_name]
-
-
 def nested_set(tree: dict, path: tuple[str, ...], value) -> None:
     for k in path[:-1]:
         tree = tree.setdefault(k, {})
