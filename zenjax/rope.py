@@ -14,11 +14,13 @@ def inv_freq(head_dim: int, theta: float):
 
 
 def apply_rope(x, positions, theta: float):
-    """x [B, T, heads, H] rotated by positions [B, T] (any int dtype); math in float32, result in x.dtype."""
+    """x [..., T, heads, H] rotated by positions [..., T] (any int dtype; leading axes broadcast against
+    x's, so x[None] with positions [3, B, T] gives the three DCA query variants [3, B, T, heads, H] in one
+    elementwise pass, with no stack). Math in float32, result in x.dtype."""
     H = x.shape[-1]
-    angle = positions.astype(jnp.float32)[..., None] * inv_freq(H, theta)      # [B, T, H/2]
-    cos = jnp.concatenate([jnp.cos(angle)] * 2, axis=-1)[:, :, None, :]       # [B, T, 1, H]
-    sin = jnp.concatenate([jnp.sin(angle)] * 2, axis=-1)[:, :, None, :]
+    angle = positions.astype(jnp.float32)[..., None] * inv_freq(H, theta)      # [..., T, H/2]
+    cos = jnp.concatenate([jnp.cos(angle)] * 2, axis=-1)[..., None, :]        # [..., T, 1, H]
+    sin = jnp.concatenate([jnp.sin(angle)] * 2, axis=-1)[..., None, :]
     xf = x.astype(jnp.float32)
     rotated = jnp.concatenate([-xf[..., H // 2:], xf[..., :H // 2]], axis=-1)
     return (xf * cos + rotated * sin).astype(x.dtype)
