@@ -179,17 +179,20 @@ def grouped_linear(x, w, group_sizes, row_experts=None):
     return jax.lax.ragged_dot(x, w, group_sizes) if y is None else y
 
 
+def _gated_down(gate, up, w_down):
+    """The SwiGLU tail both layouts share: (silu(gate) * up) @ w_down."""
+    return linear("...f,fd->...d", jax.nn.silu(gate) * up, w_down)
+
+
 def swiglu(x, w_gate, w_up, w_down):
     """SwiGLU MLP on the last axis: (silu(x @ w_gate) * (x @ w_up)) @ w_down; [..., D] -> [..., D]."""
-    gate = linear("...d,df->...f", x, w_gate)
-    up = linear("...d,df->...f", x, w_up)
-    return linear("...f,fd->...d", jax.nn.silu(gate) * up, w_down)
+    return _gated_down(linear("...d,df->...f", x, w_gate), linear("...d,df->...f", x, w_up), w_down)
 
 
 def fused_swiglu(x, w_gate_up, w_down):
     """swiglu with gate and up as one [D, 2, F] weight (zenjax/params.py: one product, not two)."""
     gu = linear("...d,dsf->...sf", x, w_gate_up)
-    return linear("...f,fd->...d", jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], w_down)
+    return _gated_down(gu[..., 0, :], gu[..., 1, :], w_down)
 
 
 def qkv_projection(w: dict, h):

@@ -292,14 +292,27 @@ def from_hf(spec: ParamSpec, x):
     return (x if spec.transform == COPY or spec.out_major else x.T).reshape(spec.element_shape)
 
 
-def from_hf_tensors(spec: ParamSpec, tensors) -> "np.ndarray":
-    """The parameter `spec` from {HF name: numpy tensor} (every kind: one tensor, stacked, fused)."""
+def assemble(spec: ParamSpec, load) -> "np.ndarray":
+    """The parameter `spec` from load(hf_name, spec_of_that_tensor) -> that tensor in our layout: one
+    tensor as is, a fused one's parts concatenated along its part axis (q|k|v, gate|up), a stacked one
+    filled row by row (only one expert tensor held besides the result). The converter and
+    `from_hf_tensors` both build parameters through this."""
     import numpy as np
     if spec.fused:
-        return np.concatenate([from_hf(spec.part(i), tensors[n]) for i, n in enumerate(spec.hf_names)],
-                              axis=spec.part_axis)
-    rows = [from_hf(spec, tensors[n]) for n in spec.hf_names]
-    return np.stack(rows) if spec.stacked else rows[0]
+        return np.concatenate([load(n, spec.part(i)) for i, n in enumerate(spec.hf_names)], axis=spec.part_axis)
+    if not spec.stacked:
+        return np.ascontiguousarray(load(spec.hf_name, spec))
+    first = load(spec.hf_names[0], spec)
+    out = np.empty((len(spec.hf_names),) + first.shape, first.dtype)
+    out[0] = first
+    for e, name in enumerate(spec.hf_names[1:], start=1):
+        out[e] = load(name, spec)
+    return out
+
+
+def from_hf_tensors(spec: ParamSpec, tensors) -> "np.ndarray":
+    """The parameter `spec` from {HF name: numpy tensor} (every kind: one tensor, stacked, fused)."""
+    return assemble(spec, lambda name, s: from_hf(s, tensors[name]))
 
 
 def to_hf_tensors(spec: ParamSpec, x) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from zenjax.config import ConfigError, ModelConfig, model_config_from_hf
-from zenjax.params import ParamSpec, from_hf, param_specs
+from zenjax.params import ParamSpec, assemble, from_hf, param_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -190,15 +190,7 @@ class HFSource:
         """One parameter, transformed to our layout and cast to `dtype`, C-contiguous. A stacked one is
         filled row by row: only one expert tensor is held besides the result; a fused one is its tensors
         concatenated along its part axis (q|k|v, gate|up)."""
-        if spec.fused:
-            return np.concatenate([self._read_one(n, spec.part(i), dtype) for i, n in enumerate(spec.hf_names)],
-                                  axis=spec.part_axis)
-        if not spec.stacked:
-            return np.ascontiguousarray(self._read_one(spec.hf_name, spec, dtype))
-        out = np.empty(spec.shape, dtype)
-        for e, name in enumerate(spec.hf_names):
-            out[e] = self._read_one(name, spec, dtype)
-        return out
+        return assemble(spec, lambda name, s: self._read_one(name, s, dtype))
 
     def _read_one(self, name: str, spec: ParamSpec, dtype: np.dtype) -> np.ndarray:
         info = self.tensors[name]
