@@ -104,6 +104,17 @@ def grid_128k(num_sms: int, kv_heads: int = 4) -> list[Config]:
     return _dedupe(g)
 
 
+def grid_short(num_sms: int, kv_heads: int = 4) -> list[Config]:
+    """A short cache (`--short`, e.g. 8K = 128 tiles of 64): the per-program start cost, not the key stream,
+    sets the time, so the question is how few programs still hide it. Split counts from 4 (16 programs)
+    up to two waves, both T = 1 loops, and 128-key tiles (half the tiles, one more warp)."""
+    w = lambda p: max(1, round(p * num_sms / kv_heads))
+    splits = sorted({4, 8, 16, w(0.5), w(1), w(2)})
+    g = [Config(s, 64, 2, 3, lp) for lp in ("segments", "single") for s in splits]
+    g += [Config(s, 128, 4, 2, "segments") for s in (8, 16, w(0.5), w(1))]
+    return _dedupe(g)
+
+
 def smoke_grid(num_sms: int, kv_heads: int = 4) -> list[Config]:
     # block 32 does not divide s = 48: must be reported as failed and skipped, not stop the run.
     return [Config(5, 16, 2, 3, "segments"), Config(3, 32, 2, 3, "single")]
@@ -212,6 +223,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=70.0, help="stop timing new configs after this")
     ap.add_argument("--hbm-gbps", type=float, default=HBM_SPEC_GBPS)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode (CPU): the script runs")
+    ap.add_argument("--short", type=int, default=0, help="also sweep `grid_short` at this cache length "
+                    "(Qwen2.5-1M's DCA; e.g. 8192), after the two long contexts")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     deadline = t0 + a.budget_s
@@ -243,6 +256,14 @@ def main(argv=None) -> dict:
     res["rows"] += sweep(second, configs2, interpret=interpret, deadline=deadline, hbm_gbps=a.hbm_gbps,
                          reps=reps, inner=inner)
 
+    if a.short:
+        short = SMOKE_CASES[0]._replace(S=a.short) if a.smoke else Case(a.short, 262144, 8192)
+        configs3 = (smoke_grid if a.smoke else grid_short)(sms, short.K)
+        configs3 = _dedupe(configs3 + [Config(default_num_splits(1, short.K, short.S, block, sms), block, 2, 3, "segments")])
+        print(f"{len(configs3)} configs at S={short.S}", flush=True)
+        res["rows"] += sweep(short, configs3, interpret=interpret, deadline=time.perf_counter() + 40,
+                             hbm_gbps=a.hbm_gbps, reps=reps, inner=inner)
+        cases = (*cases, short)
     for case in cases:
         ranked = _best([r for r in res["rows"] if r["context"] == case.S])
         if not ranked:
