@@ -33,7 +33,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._flash_dca import (LOG2E, Fp8Ref, _run_range, _tile_step, check_dca_blocks,
-                                       default_interpret, finish, flash_over_key_tiles, init_carry, lse_merge)
+                                       default_interpret, finish, flash_over_key_tiles, init_carry, lse_merge,
+                                       pad_axis)
 from pallas_kernels.dca_prefill import _split_variants, _validate, check_fp8_scales, dca_prefill_reference
 
 MIN_ROWS = 16  # smallest M of a tensor-core tile in the Triton lowering
@@ -152,12 +153,9 @@ def _dca_decode(q3, k, v, q_start, kv_len, k_scale=None, v_scale=None, **static)
     K = k.shape[2]
     G = N // K
     o_part, lse_part = _decode_partials(q3, k, v, q_start, kv_len, k_scale=k_scale, v_scale=v_scale, **static)
-    # Drop the padding rows before the merge, not after: the slice then fuses into the merge's reductions
-    # (on the GPU the slice after it was one more kernel per layer), and with T = 1 the regrouping below
-    # is a reshape only (row g of kv head k is head k * G + g).
-    out, lse = lse_merge(o_part[:, :, :, :T * G], lse_part[:, :, :, :T * G], axis=0)   # [B, K, T*G, H]
-    out = out.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
-    lse = lse.reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
+    out, lse = lse_merge(o_part, lse_part, axis=0)                  # [B, K, rows, H], [B, K, rows]
+    out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
     return out.astype(q3.dtype), lse
 
 
@@ -170,13 +168,9 @@ def _decode_partials(q3, k, v, q_start, kv_len, *, chunk_len, block_k, num_split
     S, K = k.shape[1], k.shape[2]
     G = N // K
     rows = max(MIN_ROWS, pl.next_power_of_2(T * G))
-    # [R, B, T, K, G, H] -> [R, B, K, T*G, H], filled up to `rows` by repeating the last real row: a tiny
-    # copy of the queries only. A gather (not jnp.pad) so that XLA fuses it with the rotation that makes
-    # q3 (one kernel per layer instead of a rotation, a stack and a pad). Padding rows may hold any finite
-    # values: each row's softmax is its own and their outputs are dropped before the merge.
+    # [R, B, T, K, G, H] -> [R, B, K, T*G, H], padded to `rows`: a tiny copy of the queries only.
     qg = q3.reshape(R, B, T, K, G, H).transpose(0, 1, 3, 2, 4, 5).reshape(R, B, K, T * G, H)
-    if rows > T * G:
-        qg = jnp.take(qg, jnp.minimum(jnp.arange(rows), T * G - 1), axis=3)
+    qg = pad_axis(qg, 3, rows)
     # K/V are never copied: when S is not a multiple of block_k the block is rounded up to whole tiles
     # and the kernel loads the rows past S masked (interpret mode pads the block itself).
     Sp = -(-S // block_k) * block_k

@@ -51,8 +51,7 @@ def rotate_for_dca(q_raw, k_raw, q_pos, k_pos, dca: DCAConfig, theta: float):
     does for the dispatcher: (q3 [3,B,T,N,H] = intra, succ, inter; k [B,S,K,H] rotated with j mod s)."""
     _, intra, succ, inter = dca_positions(q_pos, dca)
     key_pos = dca_positions(k_pos, dca)[0]
-    # One rotation broadcast over the three position sets, not three rotations stacked: the same values,
-    # but on the GPU the stack was its own concatenate kernel per layer and each rotation another.
+    # One rotation broadcast over the three position sets (the same values as three rotations stacked).
     q3 = apply_rope(q_raw[None], jnp.stack([intra, succ, inter]), theta)
     return q3, apply_rope(k_raw, key_pos, theta)
 
