@@ -217,14 +217,10 @@ def lse_merge(outs, lses, axis: int):
     """
     m = jnp.max(lses, axis=axis, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(lses - m)[..., None]                                   # exp(-inf) = 0 for empty ones
-    # The denominator is summed broadcast over H, in the numerator's shape: two sibling reductions of one
-    # shape, which XLA fuses into one pass over the partials (on the GPU a separate [.., P, ..] sum was one
-    # more kernel per layer and decode step). The H copies of it are equal; column 0 is kept.
-    num = jnp.sum(w * outs, axis=axis)
-    den = jnp.sum(jnp.broadcast_to(w, outs.shape), axis=axis)
-    out = num / jnp.where(den > 0, den, 1.0)
-    lse = jnp.squeeze(m, axis) + jnp.log(den[..., 0])
+    w = jnp.exp(lses - m)                                              # exp(-inf) = 0 for empty ones
+    den = jnp.sum(w, axis=axis)
+    out = jnp.sum(w[..., None] * outs, axis=axis) / jnp.where(den > 0, den, 1.0)[..., None]
+    lse = jnp.squeeze(m, axis) + jnp.log(den)
     return out, lse
 
 
