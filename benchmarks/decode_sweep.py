@@ -19,8 +19,11 @@ Flow:
    what the jnp around it costs, and a correctness check vs `dca_decode_reference` (float32) at
    kv_len = S and at a kv_len that is not a multiple of the block: ||out - ref|| / ||ref|| < 1e-2 (bf16
    operands, P rounded to bf16 before the second matmul) and the LSE max |diff|.
+4. `--short S` (optional, after 2.): `grid_short` at a cache of S keys with Qwen2.5-1M's DCA, plus the
+   heuristic's split count, timed within its own SHORT_BUDGET_S; its best config is checked as in 3.
 A time budget (--budget-s, default 70 s from start; 128K may use the first 65%) skips the configs not
-yet timed (listed as skipped) so the run always ends with its JSON. `--smoke` runs a tiny grid in interpret mode on the CPU.
+yet timed (listed as skipped) so the run always ends with its JSON. `--smoke` runs a tiny grid in
+interpret mode on the CPU.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from pallas_kernels.dca_decode import (LOOPS, _decode_partials, dca_decode, dca_
 
 HBM_SPEC_GBPS = 3350.0                                               # H100 SXM datasheet
 REL_TOL = 1e-2                                                        # bf16 operands vs float32 reference
+SHORT_BUDGET_S = 40.0      # --short: 13 configs on an H100, kernels of ~10 us each; the time is compiling
 
 
 class Config(NamedTuple):
@@ -259,9 +263,10 @@ def main(argv=None) -> dict:
     if a.short:
         short = SMOKE_CASES[0]._replace(S=a.short) if a.smoke else Case(a.short, 262144, 8192)
         configs3 = (smoke_grid if a.smoke else grid_short)(sms, short.K)
-        configs3 = _dedupe(configs3 + [Config(default_num_splits(1, short.K, short.S, block, sms), block, 2, 3, "segments")])
+        heuristic = Config(default_num_splits(1, short.K, short.S, block, sms), block, 2, 3, "segments")
+        configs3 = _dedupe(configs3 + [heuristic])
         print(f"{len(configs3)} configs at S={short.S}", flush=True)
-        res["rows"] += sweep(short, configs3, interpret=interpret, deadline=time.perf_counter() + 40,
+        res["rows"] += sweep(short, configs3, interpret=interpret, deadline=time.perf_counter() + SHORT_BUDGET_S,
                              hbm_gbps=a.hbm_gbps, reps=reps, inner=inner)
         cases = (*cases, short)
     for case in cases:

@@ -32,8 +32,8 @@ import pytest
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 # float32 products in float32. The float32 tolerances (e.g. test_pallas_kernels' TOL32 = 2e-5) are error
 # models of float32 arithmetic; JAX's default on recent NVIDIA GPUs computes float32 dots in TF32 (10-bit
-# mantissa, ~5e-4 relative). On an H100 (2026-12-07) test_pallas_kernels' interpret-mode decode test
-# missed by 2.5e-4 against 2e-5, the size of TF32 rounding (not yet re-run there with this setting).
+# mantissa, ~5e-4 relative). On an H100 (2026-12-07) test_pallas_kernels' three interpret-mode decode tests
+# failed without this setting (2.5e-4 against 2e-5, the size of TF32 rounding) and passed with it.
 # On the CPU this changes nothing; bf16 inputs are unaffected.
 jax.config.update("jax_default_matmul_precision", "highest")
 
