@@ -187,9 +187,8 @@ class HFSource:
         return sum(self.tensors[name].nbytes for name in spec.hf_names)
 
     def read(self, spec: ParamSpec, dtype: np.dtype) -> np.ndarray:
-        """One parameter, transformed to our layout and cast to `dtype`, C-contiguous. A stacked one is
-        filled row by row: only one expert tensor is held besides the result; a fused one is its tensors
-        concatenated along its part axis (q|k|v, gate|up)."""
+        """One parameter, transformed to our layout and cast to `dtype`, C-contiguous (fused and stacked
+        ones put together by `params.assemble`, one HF tensor read at a time)."""
         return assemble(spec, lambda name, s: self._read_one(name, s, dtype))
 
     def _read_one(self, name: str, spec: ParamSpec, dtype: np.dtype) -> np.ndarray:
