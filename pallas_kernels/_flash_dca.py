@@ -224,6 +224,32 @@ def lse_merge(outs, lses, axis: int):
     return out, lse
 
 
+def _merge_pair(a, b):
+    """Two running merges (m, l, acc) -> one: m the largest LSE seen, l = sum exp(lse_i - m),
+    acc = sum exp(lse_i - m) o_i. Associative and commutative, so XLA may combine in any order.
+    Example: (m=2, l=1, acc=o1) with (m=0, l=1, acc=o2) -> (2, 1 + e^-2, o1 + e^-2 o2)."""
+    (ma, la, oa), (mb, lb, ob) = a, b
+    m = jnp.maximum(ma, mb)
+    ref = jnp.where(jnp.isfinite(m), m, 0.0)                          # both empty: m = -inf
+    wa, wb = jnp.exp(ma - ref), jnp.exp(mb - ref)                    # exp(-inf) = 0
+    return m, la * wa + lb * wb, oa * wa + ob * wb
+
+
+def lse_merge_one_pass(outs, lses):
+    """lse_merge along axis 0 as ONE variadic reduction (the online-softmax merge as its combiner).
+
+    Same values as lse_merge up to float32 reassociation. Why: the decode step merges ~66 split partials
+    per layer, where the three-pass form (max, then sum of exp, then weighted sum) is three small GPU
+    kernels plus an epilogue per layer (H100 profile, benchmarks/RESULTS.md session 12); one reduction
+    reads the partials once. outs [P, ..., H], lses [P, ...] -> (out [..., H], lse [...])."""
+    m = jnp.broadcast_to(lses[..., None], outs.shape)               # every operand of a reduce has one shape
+    init = (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.float32(0.0))
+    m, l, acc = jax.lax.reduce((m.astype(jnp.float32), jnp.ones(outs.shape, jnp.float32),
+                                outs.astype(jnp.float32)), init, _merge_pair, (0,))
+    out = acc / jnp.where(l > 0, l, 1.0)
+    return out, m[..., 0] + jnp.log(l[..., 0])
+
+
 def pad_axis(x, axis: int, multiple: int):
     """Zero-pad `axis` of x up to a multiple of `multiple` (no copy when already a multiple)."""
     size = x.shape[axis]

@@ -6,7 +6,8 @@ t, head g of the group; padded to >= 16 rows for the tensor cores) and launches 
 repeat over the G heads) and walks its share of the key tiles below min(kv_len, last query + 1) with a
 DCA loop (intra / succ / inter query chosen per key chunk, spec 2.5; `loop` picks which, see LOOPS),
 writing a normalized partial output and its LSE. The partials are merged by LSE in jnp (spec 2.4) - a few MB,
-against hundreds of MB of K/V read at 128K keys.
+against hundreds of MB of K/V read at 128K keys - in one variadic reduction (`lse_merge_one_pass`), one
+small kernel per layer instead of four.
 
 Why the split is computed from kv_len inside the kernel: the grid is static (it must be, under jit) but
 the valid length is data. Program j takes tiles [j * per, (j + 1) * per) with per = cdiv(valid tiles,
@@ -33,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels._flash_dca import (LOG2E, Fp8Ref, _run_range, _tile_step, check_dca_blocks,
-                                       default_interpret, finish, flash_over_key_tiles, init_carry, lse_merge,
-                                       pad_axis)
+                                       default_interpret, finish, flash_over_key_tiles, init_carry,
+                                       lse_merge_one_pass, pad_axis)
 from pallas_kernels.dca_prefill import _split_variants, _validate, check_fp8_scales, dca_prefill_reference
 
 MIN_ROWS = 16  # smallest M of a tensor-core tile in the Triton lowering
@@ -153,7 +154,7 @@ def _dca_decode(q3, k, v, q_start, kv_len, k_scale=None, v_scale=None, **static)
     K = k.shape[2]
     G = N // K
     o_part, lse_part = _decode_partials(q3, k, v, q_start, kv_len, k_scale=k_scale, v_scale=v_scale, **static)
-    out, lse = lse_merge(o_part, lse_part, axis=0)                  # [B, K, rows, H], [B, K, rows]
+    out, lse = lse_merge_one_pass(o_part, lse_part)                # [B, K, rows, H], [B, K, rows]
     out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
     lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
     return out.astype(q3.dtype), lse
