@@ -41,29 +41,30 @@ def make(max_batch=1):
 WARM, COLD = make(), make()
 
 
-def run(e, ids, n=8, reuse=MIN):
-    """Greedy generation through the slot API in slot 0; returns (tokens, tokens reused)."""
-    seq = e.start(0, ids, SamplingParams(max_new_tokens=n, ignore_eos=True), reuse_min=reuse)
+def run(e, ids, n=8, reuse=MIN, slot=0):
+    """Greedy generation through the slot API in `slot`; returns (tokens, tokens reused)."""
+    seq = e.start(slot, ids, SamplingParams(max_new_tokens=n, ignore_eos=True), reuse_min=reuse)
     reused = seq.reused
     tok = None
     while tok is None:
-        tok = e.prefill_next(0)
+        tok = e.prefill_next(slot)
     out = [tok]
-    e.append_token(0, tok)
+    e.append_token(slot, tok)
     while len(out) < n:
-        got = e.decode_steps([0], 4)[0]
+        got = e.decode_steps([slot], 4)[slot]
         for t in got:
-            e.append_token(0, t)
+            e.append_token(slot, t)
         out += got
-    e.release(0)
+    e.release(slot)
     return out, reused
 
 
-def suffix_logits(e, ids, reuse=MIN):
+def suffix_logits(e, ids, reuse=MIN, slot=0):
     """Start ids with reuse and return (all-row logits of the prefilled rows [r, n), r)."""
-    r = e.start(0, ids, SamplingParams(max_new_tokens=1), reuse_min=reuse).reused
-    rows = [e.runner.prefill_all_logits(0, ids, a, b) for a, b in prefill_plan(len(ids), 16, CFG.dca.chunk_len, r)]
-    e.release(0, keep=False)
+    r = e.start(slot, ids, SamplingParams(max_new_tokens=1), reuse_min=reuse).reused
+    rows = [e.runner.prefill_all_logits(slot, ids, a, b)
+            for a, b in prefill_plan(len(ids), 16, CFG.dca.chunk_len, r)]
+    e.release(slot, keep=False)
     return np.concatenate(rows, axis=0), r
 
 
@@ -91,6 +92,20 @@ def test_follow_up_turn_reuses_generated_tokens():
     out, _ = run(WARM, DOC[:40] + Q1)
     follow = DOC[:40] + Q1 + out[:7] + Q3                 # 52 tokens: the answer's 7 fed tokens are cached
     check_equal_to_cold(DOC[:40] + Q1, follow, expect_reused=40 + len(Q1) + 7)
+
+
+def test_held_prefix_survives_another_slot_decoding():
+    """Every decode step also writes a throwaway K/V at each idle slot's own first free position
+    (runner.decode: the write is unconditional). A slot holding a finished turn for reuse must come
+    through another slot's 16 decode steps intact: the follow-up turn still equals a cold run."""
+    e = make(max_batch=2)
+    out, _ = run(e, DOC[:40] + Q1, slot=0)                 # slot 0 now holds prompt + 7 fed answer tokens
+    run(e, DOC[40:] + Q2, n=17, reuse=0, slot=1)           # 16 decode steps with slot 0 idle
+    follow = DOC[:40] + Q1 + out[:7] + Q3
+    got, r = suffix_logits(e, follow, slot=0)
+    assert r == 40 + len(Q1) + 7
+    cold = COLD.logits(follow)[r:]
+    assert rel(got, cold) <= rounding_bound(PARAMS, cold), (rel(got, cold), rounding_bound(PARAMS, cold))
 
 
 def test_no_reuse_when_the_prompt_crosses_original_max_position_embeddings(monkeypatch):

@@ -178,7 +178,7 @@ class Qwen2(nnx.Module):
         return q3 * m, k * m
 
     def __call__(self, inp: StepInputs, cache: KVCache, *, impl: str, slot=None, logits_rows=None,
-                 sparse=None, recall_probe=None):
+                 sparse=None, recall_probe=None, writes_in_bounds: bool = False):
         """Run one step. slot=None: rows are the cache's batch rows (decode). slot=i (traced int):
         the single row of `inp` is cache row i (prefill of one slot among several).
 
@@ -188,6 +188,8 @@ class Qwen2(nnx.Module):
         recall_probe: (SparseConfig, list) for the refinement tool (zenjax/refine): attention stays dense,
         and each layer also runs the dispatcher's sparse path with the probe's budgets on the same q/k/v and
         appends its log recall lse_sparse - lse_dense [B, T, N] to the list (spec 3.6).
+        writes_in_bounds: every write_pos is < S (the decode step's promise; no padding row to drop), so the
+        cache write can be a plain dynamic-update-slice (see _write_and_read).
         """
         cfg = self.cfg
         B, T = inp.tokens.shape
@@ -206,7 +208,7 @@ class Qwen2(nnx.Module):
             q, k = self._rotate(q, k, positions, inp.temp)
             rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
             k_read, v_read, ks_read, vs_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
-                                                                    new_k, new_v, new_ks, new_vs)
+                                                                    new_k, new_v, new_ks, new_vs, writes_in_bounds)
             meta = attn_lib.AttentionMeta(inp.q_start, inp.kv_len, cfg.dca,
                                           None if sparse is None else sparse.layer(l, cfg.rope_theta))
             a, lse = attn_lib.attention_lse(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read,
@@ -229,13 +231,22 @@ class Qwen2(nnx.Module):
         return logits, KVCache(new_k, new_v, *scales)
 
     @staticmethod
-    def _write_and_read(cache, l, rows, write_pos, k, v, slot, B, new_k, new_v, new_ks, new_vs):
+    def _write_and_read(cache, l, rows, write_pos, k, v, slot, B, new_k, new_v, new_ks, new_vs, in_bounds):
         """Scatter this step's k, v into layer l's cache (in place: the cache is donated) and return
         what attention reads: the whole cache (decode) or the prefilling slot's row, as (k, v, k_scale,
         v_scale); an fp8 cache is returned as e4m3 values with their scales (the Pallas decode kernel reads
-        them directly; the dispatcher dequantizes for the other paths), a bf16 one with scales None."""
+        them directly; the dispatcher dequantizes for the other paths), a bf16 one with scales None.
+
+        Why a separate in-bounds path: a scatter that drops out-of-range rows becomes, for one row, a
+        dynamic-update-slice guarded by a select that re-reads the cache, and XLA then cannot fuse the
+        key's rotation into the in-place write (H100 HLO of the batch-1 decode step: 4 kernels per layer
+        for the k and v writes; a plain dynamic-update-slice takes the rotation as its update: 2)."""
         def put(buf, val):
-            return buf.at[rows, write_pos].set(val.astype(buf.dtype), mode="drop")
+            val = val.astype(buf.dtype)
+            if in_bounds and write_pos.shape == (1, 1) and slot is None:
+                start = (jnp.int32(0), write_pos[0, 0]) + (jnp.int32(0),) * (buf.ndim - 2)
+                return jax.lax.dynamic_update_slice(buf, val, start)
+            return buf.at[rows, write_pos].set(val, mode="promise_in_bounds" if in_bounds else "drop")
 
         def row(buf):
             return buf if slot is None else jax.lax.dynamic_slice_in_dim(buf, slot, B, axis=0)

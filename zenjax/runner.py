@@ -173,18 +173,24 @@ class Runner:
         def decode(state, cache, sampler, ds, mask, n, temps):
             self.trace_counts["decode"] += 1
             model = nnx.merge(graphdef, state)
-            B, S = ds.token.shape[0], cache.k[0].shape[1]
+            B = ds.token.shape[0]
             rows = jnp.arange(B)
 
             def step(carry):
                 i, cache, sampler, ds, out = carry
                 act = mask & ds.live
-                # slots not in this step read one key at position 0 and write nowhere (S = past the end)
+                # Slots not in this step read one key at position 0 and write a throwaway K/V at their own
+                # pos: the slot's first free cache position (pos <= max_model_len - 1 < S, engine.start
+                # caps prompt + new tokens at max_model_len). Nothing reads it before it is written again:
+                # a live slot's next step writes its real K/V there, a prefilling slot's pieces stop below
+                # it (pos = prompt length), a finished slot keeps (for prefix reuse) only positions < pos.
+                # So the write is unconditional: no select, and XLA fuses the key's rotation into it.
                 pos = jnp.where(act, ds.pos, 0)
                 inp = StepInputs(tokens=jnp.where(act, ds.token, 0)[:, None], q_start=pos, kv_len=pos + 1,
-                                 write_pos=jnp.where(act, ds.pos, S)[:, None],
+                                 write_pos=ds.pos[:, None],
                                  temp=jnp.where(act, temps[jnp.maximum(ds.prompt_len, ds.pos + 1)], 1.0))
-                logits, cache = model(inp, cache, impl=impl, slot=None, logits_rows=jnp.zeros((B,), jnp.int32))
+                logits, cache = model(inp, cache, impl=impl, slot=None, logits_rows=jnp.zeros((B,), jnp.int32),
+                                      writes_in_bounds=True)
                 tok, new = sample(logits, sampler)
                 # only the slots in this step advance their PRNG key and seen-token set; a slot that is
                 # prefilling or finished must not (else a seeded request depends on its neighbours)
