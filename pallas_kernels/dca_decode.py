@@ -6,8 +6,8 @@ t, head g of the group; padded to >= 16 rows for the tensor cores) and launches 
 repeat over the G heads) and walks its share of the key tiles below min(kv_len, last query + 1) with a
 DCA loop (intra / succ / inter query chosen per key chunk, spec 2.5; `loop` picks which, see LOOPS),
 writing a normalized partial output and its LSE. The partials are merged by LSE in jnp (spec 2.4) - a few MB,
-against hundreds of MB of K/V read at 128K keys - in one variadic reduction (`lse_merge_one_pass`), one
-small kernel per layer instead of four.
+against hundreds of MB of K/V read at 128K keys - in one variadic reduction (`lse_merge_one_pass`): on the
+H100 two kernels per layer (XLA materializes the LSEs broadcast over H, then reduces) instead of four.
 
 Why the split is computed from kv_len inside the kernel: the grid is static (it must be, under jit) but
 the valid length is data. Program j takes tiles [j * per, (j + 1) * per) with per = cdiv(valid tiles,
