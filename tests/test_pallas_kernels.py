@@ -123,7 +123,6 @@ def test_decode_kernel_matches_references(T, dca):
     assert _max_diff(ref_lse, zen_lse, valid) <= TOL32
 
 
-
 def test_one_pass_merge_equals_three_pass():
     """The decode kernel's single-reduction LSE merge against the three-pass lse_merge, with empty
     partials (lse = -inf) inside rows and one row whose partials are all empty (out 0, lse -inf in both).
@@ -145,6 +144,7 @@ def test_one_pass_merge_equals_three_pass():
     assert not finite[1, 2, 3] and not np.isfinite(np.asarray(got_lse)[1, 2, 3])
     assert float(jnp.abs(got[1, 2, 3]).max()) == 0.0
     np.testing.assert_allclose(np.asarray(got_lse)[finite], np.asarray(want_lse)[finite], rtol=4e-6, atol=0)
+
 
 def test_dispatcher_pallas_equals_reference():
     """impl="pallas" through zenjax.attention (adapter picks blocks 16 for s = 48): prefill and decode."""

@@ -243,8 +243,8 @@ class Qwen2(nnx.Module):
         for the k and v writes; a plain dynamic-update-slice takes the rotation as its update: 2)."""
         def put(buf, val):
             val = val.astype(buf.dtype)
-            if in_bounds and write_pos.shape == (1, 1) and slot is None:
-                start = (jnp.int32(0), write_pos[0, 0]) + (jnp.int32(0),) * (buf.ndim - 2)
+            if in_bounds and write_pos.shape == (1, 1):
+                start = (rows[0, 0], write_pos[0, 0]) + (jnp.int32(0),) * (buf.ndim - 2)
                 return jax.lax.dynamic_update_slice(buf, val, start)
             return buf.at[rows, write_pos].set(val, mode="promise_in_bounds" if in_bounds else "drop")
 
