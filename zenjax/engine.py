@@ -13,6 +13,9 @@ Data flow of one request (`engine.generate`, or the server's scheduler driving t
                                   device and returned
     decode_steps(slots, n)        device: ONE call of up to n decode steps for all slots, sampling and stop-id
                                   / max_new_tokens checks on the device
+    prefill_and_decode(slot, slots[, max])  the two above in one device call: a piece of `slot` and one
+                                  decode step of `slots` read the weights once (the scheduler, while a
+                                  prompt prefills beside running streams)
     append_token(slot, token)     host: detokenize, check stop strings; a token past a finish is dropped
     release(slot)                 the row keeps its K/V; the engine remembers which tokens they belong to
                                   (sequence.HeldPrefix) until the slot is started again
@@ -20,7 +23,7 @@ Data flow of one request (`engine.generate`, or the server's scheduler driving t
 Who does what: runner.Runner owns the device (weights, cache, jitted steps, compiled shapes);
 sequence.SequenceState the host bookkeeping of one sequence; prompt.encode_prompt the prompt checks;
 textstream.TextStream the text. The Engine only routes between them; the scheduler uses only the slot API
-(start, prefill_next, decode_steps, append_token, release) and the queries slot_state (a frozen
+(start, prefill_next, prefill_and_decode, decode_steps, append_token, release) and the queries slot_state (a frozen
 SlotView), next_piece, reusable and prefill_buckets; it never reads a SequenceState.
 
 Prefix reuse: a released slot's cache row still holds the K/V of its last sequence's prompt and fed-back
@@ -217,20 +220,42 @@ class Engine:
     def prefill_next(self, slot: int, max_tokens: int | None = None) -> int | None:
         """Run the next prefill piece of `slot` (<= max_tokens tokens if given) and wait for it; after the
         last one, sample and return the first token."""
+        return self._piece(slot, max_tokens, ())[0]
+
+    @property
+    def fuses_decode(self) -> bool:
+        """Whether prefill_and_decode can run (a decoding slot beside a prefilling one needs two slots)."""
+        return self.max_batch > 1
+
+    def prefill_and_decode(self, slot: int, decode_slots: Sequence[int],
+                           max_tokens: int | None = None) -> tuple[int | None, dict[int, list[int]]]:
+        """prefill_next(slot, max_tokens) and decode_steps(decode_slots, 1) in ONE device call (the weights
+        are read once for both): (the first token after the prompt's last piece, else None; {slot: tokens}).
+        Same results as the two calls one after the other."""
+        return self._piece(slot, max_tokens, decode_slots)
+
+    def _piece(self, slot: int, max_tokens: int | None, decode_slots) -> tuple[int | None, dict[int, list[int]]]:
         seq = self._seqs[slot]
+        if slot in decode_slots:
+            raise ValueError(f"slot {slot} is prefilling; it cannot also decode")
+        seqs = self._decoding(decode_slots)
         start, end = seq.next_piece(max_tokens)
         sparse = seq.sparse
         was, seq.reusable = seq.reusable, False    # until the step is done: a failure leaves the row unknown
-        logits = self.runner.prefill(slot, seq.prompt_ids, start, end, sparse=sparse)
+        if seqs:
+            logits, out = self.runner.prefill_decode(slot, seq.prompt_ids, start, end, list(seqs), sparse=sparse)
+        else:
+            logits, out = self.runner.prefill(slot, seq.prompt_ids, start, end, sparse=sparse), None
         jax.block_until_ready(logits)          # so the caller's clock measures the piece (ITL budget)
         seq.reusable = was
+        tokens = self.decode_collect(DecodeCall(out, seqs)) if seqs else {}
         self._stats["sparse_prefill_tokens" if sparse else "dense_prefill_tokens"] += end - start
         seq.prefilled = end
         if end < seq.prompt_len:
-            return None
+            return None, tokens
         seq.last_token = self.runner.sample_first(slot, logits)
         seq.fed.append(seq.last_token)
-        return seq.last_token
+        return seq.last_token, tokens
 
     def append_token(self, slot: int, token: int) -> tuple[str, str | None]:
         """Record a generated token of `slot` on the host: (text delta, finish reason or None)."""
@@ -251,6 +276,11 @@ class Engine:
         """Dispatch one device call of up to n decode steps for `slots` (each past prefill, not finished)
         and return at once; `decode_collect` reads its tokens. A second call may be launched before the
         first is collected: it continues from the first's device state."""
+        seqs = self._decoding(slots)
+        return DecodeCall(self.runner.decode(list(slots), n), seqs)
+
+    def _decoding(self, slots: Sequence[int]) -> dict[int, SequenceState]:
+        """{slot: sequence} of slots that may decode: each past prefill and not finished."""
         seqs = {}
         for s in slots:
             seq = self._seqs.get(s)
@@ -259,7 +289,7 @@ class Engine:
             if seq.finish_reason is not None:
                 raise ValueError(f"slot {s} has finished ({seq.finish_reason})")
             seqs[s] = seq
-        return DecodeCall(self.runner.decode(list(slots), n), seqs)
+        return seqs
 
     def decode_collect(self, call: DecodeCall) -> dict[int, list[int]]:
         """Tokens of a launched call per slot (fewer than n where the device saw a stop id or the
@@ -301,8 +331,9 @@ class Engine:
             self._held[slot] = seq.held()
 
     def warmup(self, slot: int = 0) -> None:
-        """Compile every step a request can use (one prompt per prefill bucket, then a decode call), so
-        no request pays a compile (~10 s per bucket on the H200). The slot must be free; it is released."""
+        """Compile every step a request can use (one prompt per prefill bucket, then a decode call, and with
+        several slots each bucket's piece beside a decode step), so no request pays a compile (~10 s per
+        bucket on the H200). The slot (and with several slots the next one) must be free; both are released."""
         top = self.engine_config.max_model_len - 2
         params = SamplingParams(max_new_tokens=2, ignore_eos=True)
         for b in self.runner.buckets:
@@ -313,6 +344,22 @@ class Engine:
                 self.decode([slot])
             finally:
                 self.release(slot, keep=False)
+        if not self.fuses_decode:
+            return
+        # prefill_and_decode per bucket: `slot` decodes while the next slot prefills one piece of each size
+        other = (slot + 1) % self.max_batch
+        self.start(slot, [0], SamplingParams(max_new_tokens=4 * len(self.runner.buckets) + 2, ignore_eos=True))
+        try:
+            self.prefill_next(slot)
+            for b in self.runner.buckets:
+                self.start(other, [0] * min(b, top), params)
+                try:
+                    while self.prefill_and_decode(other, [slot])[0] is None:
+                        pass
+                finally:
+                    self.release(other, keep=False)
+        finally:
+            self.release(slot, keep=False)
 
     # ---------------------------------------------------------------- high level
     def logits(self, ids: Sequence[int], slot: int = 0) -> np.ndarray:

@@ -25,6 +25,7 @@ reads without a copy.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,18 @@ class KVCache:
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    def layer(self, l: int) -> tuple:
+        """Layer l's buffers (k, v, k_scale, v_scale); the scales are None for a float cache."""
+        if not self.quantized:
+            return self.k[l], self.v[l], None, None
+        return self.k[l], self.v[l], self.k_scale[l], self.v_scale[l]
+
+    @staticmethod
+    def from_layers(bufs: list, quantized: bool) -> "KVCache":
+        """The inverse of `layer` over all layers."""
+        k, v, ks, vs = (list(b) for b in zip(*bufs))
+        return KVCache(k, v, ks, vs) if quantized else KVCache(k, v)
 
     @staticmethod
     def zeros(cfg: ModelConfig, batch: int, max_len: int, dtype, sharding=None) -> "KVCache":
@@ -189,78 +202,142 @@ class Qwen2(nnx.Module):
         and each layer also runs the dispatcher's sparse path with the probe's budgets on the same q/k/v and
         appends its log recall lse_sparse - lse_dense [B, T, N] to the list (spec 3.6).
         writes_in_bounds: every write_pos is < S (the decode step's promise; no padding row to drop), so the
-        cache write can be a plain dynamic-update-slice (see _write_and_read).
+        cache write can be a plain dynamic-update-slice (see _write).
         """
-        cfg = self.cfg
-        B, T = inp.tokens.shape
-        positions = inp.q_start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]   # [B, T]
-        mesh = self.mesh
-        x = constrain(jnp.take(self.embed[...], inp.tokens, axis=0), mesh, ACT_AXES)  # [B, T, D]
-        new_k, new_v, new_ks, new_vs = [], [], [], []
+        (logits,), cache = self.step([Rows(inp, slot, logits_rows, sparse, writes_in_bounds)], cache, impl=impl,
+                                     recall_probe=recall_probe)
+        return logits, cache
+
+    def step(self, groups: list, cache: KVCache, *, impl: str, recall_probe=None):
+        """Run one step over one or more row groups (`Rows`) that share this step's weight reads: e.g. a
+        prefill piece of one slot [1, T] and a decode step of every slot [B, 1] (runner's prefill_decode).
+        Each group is rotated, written into the cache and attended with its own inputs; the matmuls run
+        once over all rows, concatenated as [1, R, D] with R = sum of B_g * T_g (one group keeps its
+        [B, T, D]). Every group's writes land before any group reads, so the groups' writes must not
+        overlap what the others read (the runner's decode rows write at each slot's first free position,
+        the prefill piece below its slot's). Returns ([logits per group], new cache)."""
+        cfg, mesh = self.cfg, self.mesh
+        shapes = [g.inp.tokens.shape for g in groups]
+        if recall_probe is not None and len(groups) > 1:
+            raise ValueError("recall_probe runs on a single row group")
+
+        def join(parts):             # per group [B_g, T_g, ...] -> [B, T, ...] (one group) or [1, R, ...]
+            if len(parts) == 1:
+                return parts[0]
+            return jnp.concatenate([p.reshape((1, -1) + p.shape[2:]) for p in parts], axis=1)
+
+        def split(y):                # the inverse of join
+            if len(shapes) == 1:
+                return [y]
+            out, o = [], 0
+            for B, T in shapes:
+                out.append(y[:, o:o + B * T].reshape((B, T) + y.shape[2:]))
+                o += B * T
+            return out
+
+        positions = [g.inp.q_start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :] for g, (_, T) in
+                     zip(groups, shapes)]                                                        # [B, T] each
+        x = constrain(join([jnp.take(self.embed[...], g.inp.tokens, axis=0) for g in groups]), mesh, ACT_AXES)
+        new_bufs = []
         for l, blk in enumerate(self.layers):
             w = blk.weights(cfg, l)
             h = rms_norm(x, blk.attn_norm[...], cfg.rms_norm_eps)
-            q, k, v = qkv_projection(w, h)
-            # heads split as attention reads them (q over ("tp", "kvr"), k / v over "tp": the cache's layout)
-            q = constrain(q, mesh, ("batch", None, "q_heads", "head_dim"))
-            k = constrain(k, mesh, ("batch", None, "kv_heads", "head_dim"))
-            v = constrain(v, mesh, ("batch", None, "kv_heads", "head_dim"))
-            q, k = self._rotate(q, k, positions, inp.temp)
-            rows = jnp.arange(B)[:, None] if slot is None else jnp.full((B, 1), slot)
-            k_read, v_read, ks_read, vs_read = self._write_and_read(cache, l, rows, inp.write_pos, k, v, slot, B,
-                                                                    new_k, new_v, new_ks, new_vs, writes_in_bounds)
-            meta = attn_lib.AttentionMeta(inp.q_start, inp.kv_len, cfg.dca,
-                                          None if sparse is None else sparse.layer(l, cfg.rope_theta))
-            a, lse = attn_lib.attention_lse(q, k_read, v_read, meta, impl=impl, k_scale=ks_read, v_scale=vs_read,
-                                            mesh=mesh)
-            if recall_probe is not None:
-                probe, log_recall = recall_probe
-                pmeta = meta.replace(sparse=probe.layer(l, cfg.rope_theta))
-                _, lse_sparse = attn_lib.attention_lse(q, k_read, v_read, pmeta, impl=impl, k_scale=ks_read,
-                                                       v_scale=vs_read, mesh=mesh)
-                log_recall.append(lse_sparse - lse)
-            x = constrain(x + output_projection(w, a.astype(x.dtype)), mesh, ACT_AXES)
+            qkv = [split(y) for y in qkv_projection(w, h)]
+            bufs = cache.layer(l)
+            rotated = []
+            for i, g in enumerate(groups):
+                # heads split as attention reads them (q over ("tp", "kvr"), k / v over "tp": the cache's layout)
+                q = constrain(qkv[0][i], mesh, ("batch", None, "q_heads", "head_dim"))
+                k = constrain(qkv[1][i], mesh, ("batch", None, "kv_heads", "head_dim"))
+                v = constrain(qkv[2][i], mesh, ("batch", None, "kv_heads", "head_dim"))
+                q, k = self._rotate(q, k, positions[i], g.inp.temp)
+                bufs = self._write(bufs, g, k, v)
+                rotated.append(q)
+            outs = []
+            for g, q, (B, _) in zip(groups, rotated, shapes):
+                k_read, v_read, ks_read, vs_read = self._read(bufs, g.slot, B)
+                meta = attn_lib.AttentionMeta(g.inp.q_start, g.inp.kv_len, cfg.dca,
+                                              None if g.sparse is None else g.sparse.layer(l, cfg.rope_theta))
+                a, lse = attn_lib.attention_lse(q, k_read, v_read, meta, impl=impl, k_scale=ks_read,
+                                                v_scale=vs_read, mesh=mesh)
+                if recall_probe is not None:
+                    probe, log_recall = recall_probe
+                    pmeta = meta.replace(sparse=probe.layer(l, cfg.rope_theta))
+                    _, lse_sparse = attn_lib.attention_lse(q, k_read, v_read, pmeta, impl=impl, k_scale=ks_read,
+                                                           v_scale=vs_read, mesh=mesh)
+                    log_recall.append(lse_sparse - lse)
+                outs.append(a.astype(x.dtype))
+            new_bufs.append(bufs)
+            x = constrain(x + output_projection(w, join(outs)), mesh, ACT_AXES)
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
             x = x + (moe_mlp(w, h, cfg.moe, mesh, blk.axes(cfg, l)) if cfg.is_moe_layer(l) else dense_mlp(w, h))
             x = constrain(x, mesh, ACT_AXES)
-        if logits_rows is not None:
-            x = jnp.take_along_axis(x, logits_rows[:, None, None], axis=1)[:, 0]        # [B, D]
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        logits = linear("...d,vd->...v", x, self.head_weight()).astype(jnp.float32)
-        scales = (new_ks, new_vs) if cache.quantized else (None, None)
-        return logits, KVCache(new_k, new_v, *scales)
+        xs = split(x)
+        if all(g.logits_rows is not None for g in groups):      # one head product for every group's rows
+            rows = [jnp.take_along_axis(xg, g.logits_rows[:, None, None], axis=1)[:, 0] for g, xg in zip(groups, xs)]
+            logits = self._logits(jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0])   # [sum B_g, V]
+            cuts = list(itertools.accumulate(B for B, _ in shapes))[:-1]
+            per_group = jnp.split(logits, cuts, axis=0) if cuts else [logits]
+        else:
+            per_group = [self._logits(xg) if g.logits_rows is None else
+                         self._logits(jnp.take_along_axis(xg, g.logits_rows[:, None, None], axis=1)[:, 0])
+                         for g, xg in zip(groups, xs)]
+        return list(per_group), KVCache.from_layers(new_bufs, cache.quantized)
+
+    def _logits(self, x):
+        x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        return linear("...d,vd->...v", x, self.head_weight()).astype(jnp.float32)
 
     @staticmethod
-    def _write_and_read(cache, l, rows, write_pos, k, v, slot, B, new_k, new_v, new_ks, new_vs, in_bounds):
-        """Scatter this step's k, v into layer l's cache (in place: the cache is donated) and return
-        what attention reads: the whole cache (decode) or the prefilling slot's row, as (k, v, k_scale,
-        v_scale); an fp8 cache is returned as e4m3 values with their scales (the Pallas decode kernel reads
-        them directly; the dispatcher dequantizes for the other paths), a bf16 one with scales None.
+    def _write(bufs, g: "Rows", k, v):
+        """Scatter one group's k, v into a layer's cache buffers (k, v, k_scale, v_scale; the scales None
+        for a float cache) in place (the cache is donated); an fp8 cache gets e4m3 values and their scales.
 
         Why a separate in-bounds path: a scatter that drops out-of-range rows becomes, for one row, a
         dynamic-update-slice guarded by a select that re-reads the cache, and XLA then cannot fuse the
         key's rotation into the in-place write (H100 HLO of the batch-1 decode step: 4 kernels per layer
         for the k and v writes; a plain dynamic-update-slice takes the rotation as its update: 2)."""
+        B = k.shape[0]
+        rows = jnp.arange(B)[:, None] if g.slot is None else jnp.full((B, 1), g.slot)
+        write_pos = g.inp.write_pos
+
         def put(buf, val):
             val = val.astype(buf.dtype)
-            if in_bounds and write_pos.shape == (1, 1):
+            if g.in_bounds and write_pos.shape == (1, 1):
                 start = (rows[0, 0], write_pos[0, 0]) + (jnp.int32(0),) * (buf.ndim - 2)
                 return jax.lax.dynamic_update_slice(buf, val, start)
-            return buf.at[rows, write_pos].set(val, mode="promise_in_bounds" if in_bounds else "drop")
+            return buf.at[rows, write_pos].set(val, mode="promise_in_bounds" if g.in_bounds else "drop")
 
-        def row(buf):
-            return buf if slot is None else jax.lax.dynamic_slice_in_dim(buf, slot, B, axis=0)
-
-        if not cache.quantized:
-            k_cache, v_cache = put(cache.k[l], k), put(cache.v[l], v)
-            new_k.append(k_cache)
-            new_v.append(v_cache)
-            return row(k_cache), row(v_cache), None, None
+        k_buf, v_buf, ks_buf, vs_buf = bufs
+        if ks_buf is None:
+            return put(k_buf, k), put(v_buf, v), None, None
         (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
-        bufs = [put(cache.k[l], k8), put(cache.v[l], v8), put(cache.k_scale[l], ks), put(cache.v_scale[l], vs)]
-        for lst, b in zip((new_k, new_v, new_ks, new_vs), bufs):
-            lst.append(b)
-        return row(bufs[0]), row(bufs[1]), row(bufs[2]), row(bufs[3])
+        return put(k_buf, k8), put(v_buf, v8), put(ks_buf, ks), put(vs_buf, vs)
+
+    @staticmethod
+    def _read(bufs, slot, B):
+        """What attention reads of a layer's buffers: the whole cache (slot None: decode) or the prefilling
+        slot's row, as (k, v, k_scale, v_scale); an fp8 cache is returned as e4m3 values with their scales
+        (the Pallas decode kernel reads them directly; the dispatcher dequantizes for the other paths)."""
+        def row(buf):
+            if buf is None or slot is None:
+                return buf
+            return jax.lax.dynamic_slice_in_dim(buf, slot, B, axis=0)
+        return tuple(row(b) for b in bufs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """One group of rows of a step (Qwen2.step): its inputs, which cache rows they are (slot None: the
+    cache's batch rows in order; a traced int: the single row is that cache row), the rows whose logits
+    are returned (None: all, [B, T, V]; an int array [B]: one per row, [B, V]), the sparse budgets of a
+    sparse prefill piece, and whether every write_pos is < S (see Qwen2._write)."""
+
+    inp: StepInputs
+    slot: object = None
+    logits_rows: object = None
+    sparse: object = None
+    in_bounds: bool = False
 
 
 def init_params(cfg: ModelConfig, key, dtype=jnp.float32, scale: float = 0.02) -> dict:

@@ -16,13 +16,18 @@ Walk of the device work of one request in slot i:
                              the device, and a slot that samples a stop id or runs out of tokens stops
                              (writes nothing more, emits -1). The loop ends after n steps or when no slot
                              is live. Returns [decode_block, B] tokens (-1: no token).
+    prefill_decode(i, piece, mask)  a prefill piece of slot i and ONE decode step of the slots in `mask`
+                             in one call (the scheduler's choice while a prompt prefills beside running
+                             streams): the weights are read once for both (model.Qwen2.step's row
+                             groups), so a chat beside a long prefill costs its decode rows, not a step
 No host array is built per decode call: the mask of each slot set and the step counts are uploaded once
 and cached; the cache, sampler and decode state are donated and replaced by the outputs, so the host
 can dispatch the next call before it reads the previous one's tokens (JAX dispatch is asynchronous).
 
 Compiled shapes (the whole list; `compiled_shapes`): prefill [1, T] for T in the prefill buckets, the
-same with all-row logits (research use) and with recall probes (zenjax/refine only: per bucket and budget set), decode [max_batch, 1] looped up to decode_block steps (ONE
-compilation: the step count is a traced loop bound), and three tiny row updates.
+same with all-row logits (research use) and with recall probes (zenjax/refine only: per bucket and budget
+set), decode [max_batch, 1] looped up to decode_block steps (ONE compilation: the step count is a traced
+loop bound), prefill [1, T] + decode [max_batch, 1] per bucket (max_batch > 1), and three tiny row updates.
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from zenjax.config import EngineConfig, ModelConfig
-from zenjax.model import KVCache, Qwen2, StepInputs
+from zenjax.model import KVCache, Qwen2, Rows, StepInputs
 from zenjax.sampling import SamplerState, sample
 from zenjax.sharding import CACHE_AXES, sharding_for
 
@@ -130,13 +135,18 @@ class Runner:
 
     def compiled_shapes(self) -> dict[str, tuple]:
         """The bounded set of step shapes this runner compiles: prefill [1, T] per bucket; decode
-        [max_batch, 1] run up to decode_block times in one call."""
+        [max_batch, 1] run up to decode_block times in one call; with several slots, each prefill shape
+        beside one decode step."""
         B = self.max_batch
         shapes = {"prefill": tuple((1, T) for T in self.buckets),
                   "prefill_all_logits": tuple((1, T) for T in self.buckets),
                   "decode": (B, 1), "decode_block": self.decode_block}
+        if B > 1:                      # a piece of one slot beside a decode step of the others
+            shapes["prefill_decode"] = tuple(((1, T), (B, 1)) for T in self.buckets)
         if self.sparse is not None:    # + per layer the estimator's top-k sizes (static, from the budgets)
             shapes["prefill_sparse"] = shapes["prefill"]
+            if B > 1:
+                shapes["prefill_decode_sparse"] = shapes["prefill_decode"]
         if self.trace_counts["prefill_probe"]:   # zenjax/refine used this runner: per bucket and budget set
             shapes["prefill_probe"] = shapes["prefill"]
         return shapes
@@ -170,37 +180,47 @@ class Runner:
             self.trace_counts["prefill_all_logits"] += 1
             return nnx.merge(graphdef, state)(inp, cache, impl=impl, slot=slot, logits_rows=None)
 
+        def decode_rows(ds, mask, temps):
+            """(rows in this step, the decode step's inputs): one token per slot."""
+            act = mask & ds.live
+            # Slots not in this step read one key at position 0 and write a throwaway K/V at their own
+            # pos: the slot's first free cache position (pos <= max_model_len - 1 < S, engine.start
+            # caps prompt + new tokens at max_model_len). Nothing reads it before it is written again:
+            # a live slot's next step writes its real K/V there, a prefilling slot's pieces stop below
+            # it (pos = prompt length), a finished slot keeps (for prefix reuse) only positions < pos.
+            # So the write is unconditional: no select, and XLA fuses the key's rotation into it.
+            pos = jnp.where(act, ds.pos, 0)
+            inp = StepInputs(tokens=jnp.where(act, ds.token, 0)[:, None], q_start=pos, kv_len=pos + 1,
+                             write_pos=ds.pos[:, None],
+                             temp=jnp.where(act, temps[jnp.maximum(ds.prompt_len, ds.pos + 1)], 1.0))
+            return act, inp
+
+        def decode_advance(logits, act, sampler, ds):
+            """Sample the step's tokens and advance the slots in it: (tokens [B], -1 where none; sampler, ds)."""
+            rows = jnp.arange(ds.token.shape[0])
+            tok, new = sample(logits, sampler)
+            # only the slots in this step advance their PRNG key and seen-token set; a slot that is
+            # prefilling or finished must not (else a seeded request depends on its neighbours)
+            sampler = _where_rows(act, new, sampler)
+            remaining = ds.remaining - act.astype(jnp.int32)
+            done = act & (ds.stop[rows, tok] | (remaining <= 0))
+            ds = dataclasses.replace(ds, token=jnp.where(act, tok, ds.token),
+                                     pos=ds.pos + act.astype(jnp.int32), remaining=remaining,
+                                     live=ds.live & ~done)
+            return jnp.where(act, tok, -1), sampler, ds
+
         def decode(state, cache, sampler, ds, mask, n, temps):
             self.trace_counts["decode"] += 1
             model = nnx.merge(graphdef, state)
             B = ds.token.shape[0]
-            rows = jnp.arange(B)
 
             def step(carry):
                 i, cache, sampler, ds, out = carry
-                act = mask & ds.live
-                # Slots not in this step read one key at position 0 and write a throwaway K/V at their own
-                # pos: the slot's first free cache position (pos <= max_model_len - 1 < S, engine.start
-                # caps prompt + new tokens at max_model_len). Nothing reads it before it is written again:
-                # a live slot's next step writes its real K/V there, a prefilling slot's pieces stop below
-                # it (pos = prompt length), a finished slot keeps (for prefix reuse) only positions < pos.
-                # So the write is unconditional: no select, and XLA fuses the key's rotation into it.
-                pos = jnp.where(act, ds.pos, 0)
-                inp = StepInputs(tokens=jnp.where(act, ds.token, 0)[:, None], q_start=pos, kv_len=pos + 1,
-                                 write_pos=ds.pos[:, None],
-                                 temp=jnp.where(act, temps[jnp.maximum(ds.prompt_len, ds.pos + 1)], 1.0))
+                act, inp = decode_rows(ds, mask, temps)
                 logits, cache = model(inp, cache, impl=impl, slot=None, logits_rows=jnp.zeros((B,), jnp.int32),
                                       writes_in_bounds=True)
-                tok, new = sample(logits, sampler)
-                # only the slots in this step advance their PRNG key and seen-token set; a slot that is
-                # prefilling or finished must not (else a seeded request depends on its neighbours)
-                sampler = _where_rows(act, new, sampler)
-                remaining = ds.remaining - act.astype(jnp.int32)
-                done = act & (ds.stop[rows, tok] | (remaining <= 0))
-                ds = dataclasses.replace(ds, token=jnp.where(act, tok, ds.token),
-                                         pos=ds.pos + act.astype(jnp.int32), remaining=remaining,
-                                         live=ds.live & ~done)
-                out = jax.lax.dynamic_update_index_in_dim(out, jnp.where(act, tok, -1), i, axis=0)
+                tok, sampler, ds = decode_advance(logits, act, sampler, ds)
+                out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=0)
                 return i + 1, cache, sampler, ds, out
 
             def more(carry):
@@ -210,6 +230,20 @@ class Runner:
             out = jnp.full((block, B), -1, jnp.int32)
             _, cache, sampler, ds, out = jax.lax.while_loop(more, step, (jnp.int32(0), cache, sampler, ds, out))
             return out, cache, sampler, ds
+
+        def prefill_decode(state, cache, sampler, ds, inp, slot, last_row, mask, temps, sparse):
+            # one prefill piece of `slot` and one decode step of the slots in `mask`, sharing one read of
+            # the weights (Qwen2.step's row groups); the decode rows' writes go to each slot's pos, which is
+            # >= the prompt length for the prefilling slot, so they never touch the piece's rows
+            self.trace_counts["prefill_decode_sparse" if sparse else "prefill_decode"] += 1
+            model = nnx.merge(graphdef, state)
+            B = ds.token.shape[0]
+            act, dinp = decode_rows(ds, mask, temps)
+            groups = [Rows(inp, slot, last_row, self.sparse if sparse else None),
+                      Rows(dinp, None, jnp.zeros((B,), jnp.int32), None, True)]
+            (piece_logits, logits), cache = model.step(groups, cache, impl=impl)
+            tok, sampler, ds = decode_advance(logits, act, sampler, ds)
+            return piece_logits, tok[None], cache, sampler, ds
 
         def sample_first(sampler, ds, logits, slot):
             row = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis=0), sampler)
@@ -232,6 +266,7 @@ class Runner:
         self._prefill_all = jax.jit(prefill_all, donate_argnums=(1,))
         self._prefill_probe = jax.jit(prefill_probe, donate_argnums=(1,), static_argnums=(4,))
         self._decode = jax.jit(decode, donate_argnums=(1, 2, 3))
+        self._prefill_decode = jax.jit(prefill_decode, donate_argnums=(1, 2, 3), static_argnums=(9,))
         self._sample_first = jax.jit(sample_first, donate_argnums=(0, 1))
         self._set_row = jax.jit(set_row, donate_argnums=(0, 1))
 
@@ -285,19 +320,35 @@ class Runner:
                                                                     jnp.int32(slot))
         return int(token)
 
-    def decode(self, slots, n: int) -> jax.Array:
-        """Dispatch one call of up to n decode steps for `slots`; returns the [decode_block, B] token
-        array (device, not yet synced; -1 = no token)."""
-        if not 1 <= n <= self.decode_block:
-            raise ValueError(f"decode steps n={n} outside [1, {self.decode_block}]")
+    def _mask(self, slots) -> jax.Array:
         key = tuple(sorted(slots))
         if key not in self._masks:                        # at most 2^max_batch tiny arrays, made once each
             mask = np.zeros((self.max_batch,), np.bool_)
             mask[list(key)] = True
             self._masks[key] = self._put(mask)
+        return self._masks[key]
+
+    def prefill_decode(self, slot: int, ids, start: int, end: int, slots, sparse: bool = False):
+        """Prefill ids[start:end] into row `slot` and run one decode step for `slots` (not `slot`) in one
+        device call: (the piece's last-row logits [1, V], the step's tokens [1, B]; both device, -1 = no
+        token). Equal to prefill(...) followed by decode(slots, 1), with one weight read instead of two."""
+        if slot in slots:
+            raise ValueError(f"slot {slot} cannot prefill and decode in one step")
+        inp = self._piece_inputs(ids, start, end, len(ids))
+        row = jnp.asarray([end - start - 1], jnp.int32)
+        logits, out, self.cache, self.sampler, self.decode_state = self._prefill_decode(
+            self._state, self.cache, self.sampler, self.decode_state, inp, jnp.int32(slot), row,
+            self._mask(slots), self._temps, bool(sparse))
+        return logits, out
+
+    def decode(self, slots, n: int) -> jax.Array:
+        """Dispatch one call of up to n decode steps for `slots`; returns the [decode_block, B] token
+        array (device, not yet synced; -1 = no token)."""
+        if not 1 <= n <= self.decode_block:
+            raise ValueError(f"decode steps n={n} outside [1, {self.decode_block}]")
         if n not in self._counts:
             self._counts[n] = self._put(np.int32(n))
         out, self.cache, self.sampler, self.decode_state = self._decode(
-            self._state, self.cache, self.sampler, self.decode_state, self._masks[key], self._counts[n],
+            self._state, self.cache, self.sampler, self.decode_state, self._mask(slots), self._counts[n],
             self._temps)
         return out
