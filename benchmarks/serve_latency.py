@@ -10,7 +10,8 @@ Parts (each drives zenjax.serve.scheduler.Scheduler in this process, with the en
   itl     a `--long`-token prompt alone (TTFT), then the same length alongside a chat (200-token prompt,
           generating until the long prompt's first token): the chat's inter-token gaps p50/p99/max while
           the long prompt prefilled and the long prompt's TTFT, with max_itl_ms = --max-itl-ms and = 0
-          (unbounded: one full prefill piece per decode step); `pieces`: the server's prefill steps by
+          (unbounded: one full prefill piece per decode step), each with the piece and the chat's decode
+          step in one call (`fused`, engine.prefill_and_decode) and as two; `pieces`: prefill steps by
           bucket (zenjax_prefill_pieces_total; alongside, the chat's one 256 piece is among them)
   reuse   a document of --long - 64 tokens + a 32-token question: cold TTFT, then the same document with
           another question: TTFT with prefix reuse, and the greedy tokens of both ways compared with a
@@ -22,6 +23,7 @@ Parts (each drives zenjax.serve.scheduler.Scheduler in this process, with the en
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -118,8 +120,8 @@ def part_itl(engine, a) -> None:
     sch.stop()
     emit(dict(part="itl", case="long_alone", prompt_tokens=a.long, ttft_s=round(alone, 3),
               pieces=sch.metrics.piece_counts()))
-    for budget in (a.max_itl_ms, 0.0):
-        sch = run_scheduler(engine, max_itl_ms=budget)
+    for budget, fuse in itertools.product((a.max_itl_ms, 0.0), (True, False)):
+        sch = run_scheduler(engine, max_itl_ms=budget, fuse=fuse)
         pieces = record_pieces(sch)
         chat_req, chat = submit(sch, "chat", ids_of(200, 2, V), max_new_tokens=a.long, ignore_eos=True)
         while not chat.token_times():                 # the chat is decoding before the long prompt arrives
@@ -133,7 +135,7 @@ def part_itl(engine, a) -> None:
         sch.stop()
         times = [t for t in chat.token_times() if t0 <= t <= t_first]
         gaps = [b - a_ for a_, b in zip(times, times[1:])]
-        emit(dict(part="itl", case="long_with_chat", max_itl_ms=budget, prompt_tokens=a.long,
+        emit(dict(part="itl", case="long_with_chat", max_itl_ms=budget, fused=sch.fuse, prompt_tokens=a.long,
                   ttft_s=round(t_first - t0, 3), ttft_vs_alone=round((t_first - t0) / alone, 3),
                   chat_tokens_during_prefill=len(times), itl_p50_ms=pct(gaps, 50), itl_p99_ms=pct(gaps, 99),
                   itl_max_ms=round(max(gaps) * 1000, 2) if gaps else None,
@@ -142,8 +144,9 @@ def part_itl(engine, a) -> None:
 
 
 def record_pieces(sch: Scheduler) -> list[tuple]:
-    """(bucket, end, seconds, the scheduler's estimate before it ran) of every dense prefill piece."""
-    cost, log = sch.prefill_cost[False], []
+    """(bucket, end, seconds, the scheduler's estimate before it ran) of every dense prefill piece (fused
+    with a decode step where the scheduler fuses)."""
+    cost, log = (sch.fused_cost if sch.fuse else sch.prefill_cost)[False], []
     add = cost.add
 
     def logged(size, context, seconds):

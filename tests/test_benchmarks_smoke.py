@@ -36,7 +36,9 @@ def test_serve_latency_smoke(tmp_path, monkeypatch):
     assert serve_latency.main(["--tiny", "--long", "300", "--stream-tokens", "8", "--reuse-min", "64"]) == 0
     rows = json.loads((tmp_path / "serve_latency.json").read_text())
     cases = [(r["part"], r.get("case")) for r in rows]
-    assert cases.count(("itl", "long_with_chat")) == 2 and ("server", "4_streams") in cases
+    assert cases.count(("itl", "long_with_chat")) == 4 and ("server", "4_streams") in cases
+    # the chat's decode step fused with the long prompt's pieces and, for comparison, not
+    assert sorted(r["fused"] for r in rows if r.get("case") == "long_with_chat") == [False, False, True, True]
     # the server's prefill steps by bucket: the long prompt alone is 300 tokens in steps of at most the
     # --tiny chunk (256), so at least two, none larger than 256
     alone = next(r for r in rows if r.get("case") == "long_alone")

@@ -28,10 +28,18 @@ def decode_ms(n, cached):
     return 1 + n * (0.5 + 1e-4 * cached)
 
 
-def CostEngine(clock, max_batch=2):
-    """The scripted-cost engine (zenjax/serve/fake_engine.py) with this module's costs and buckets."""
+def fused_ms(bucket, end, cached):
+    """A piece fused with one decode step: the piece plus the step's per-row work, not its fixed 1 ms (the
+    weights are read once for both)."""
+    return prefill_ms(bucket, end) + 0.5 + 1e-4 * cached
+
+
+def CostEngine(clock, max_batch=2, fuse=False):
+    """The scripted-cost engine (zenjax/serve/fake_engine.py) with this module's costs and buckets; fuse:
+    it offers prefill_and_decode at fused_ms."""
     return _CostEngine(clock, lambda b, e: prefill_ms(b, e) / 1000, lambda n, c: decode_ms(n, c) / 1000,
-                       buckets=(16, 64, 256), prefill_chunk=256, max_batch=max_batch)
+                       buckets=(16, 64, 256), prefill_chunk=256, max_batch=max_batch,
+                       fused_s=(lambda b, e, c: fused_ms(b, e, c) / 1000) if fuse else None)
 
 
 def _req(name, n, max_new):
@@ -54,10 +62,10 @@ def _token_times(eng, slot, prompt_len):
 
 
 
-def _paced(max_itl_ms):
+def _paced(max_itl_ms, fuse=False):
     """A fake clock, the scripted-cost engine on it, and a scheduler with this inter-token budget."""
     clock = Clock()
-    eng = CostEngine(clock)
+    eng = CostEngine(clock, fuse=fuse)
     return clock, eng, Scheduler(eng, max_queue=4, max_itl_ms=max_itl_ms, clock=clock)
 
 def test_cost_bound_is_an_upper_bound_of_costs_of_the_assumed_form():
@@ -291,3 +299,60 @@ def test_an_overrun_raises_the_fitted_estimates_by_as_much_as_it_was_wrong():
     assert r > FIT_MARGIN and before < convex_ms(256, 8256) / r     # both fits were well below the cost
     cb.add(64, 8000, convex_ms(64, 8000))
     assert cb.bound(256, 8256) == pytest.approx(r * before, rel=1e-9)
+
+
+def _long_beside_chat(budget_ms, fuse):
+    """A 4000-token prompt submitted while a 10-token chat decodes; returns (engine, chat token times,
+    the long prompt's time from submission to its first token)."""
+    clock, eng, sch = _paced(budget_ms, fuse=fuse)
+    chat, long = _req("chat", 10, 10_000), _req("long", 4000, 1)
+    sch.submit(chat)
+    sch.step()
+    sch.step()
+    t0 = clock.t
+    sch.submit(long)
+    _run(sch, lambda: long.done)
+    t_long = clock.t - t0
+    times = [e[5] for e in eng.log if e[0] == "prefill" and e[1] == 0 and e[3] == 10]
+    times += [e[-1] for e in eng.log if e[0] == "decode" or (e[0] == "fused" and 0 in e[5])]
+    chat.cancel()
+    sch.step()
+    return eng, sorted(times), t_long
+
+
+@pytest.mark.parametrize("budget_ms", [20.0, 40.0])
+def test_fused_steps_keep_the_budget_and_shorten_the_long_prompts_prefill(budget_ms):
+    eng, times, t_fused = _long_beside_chat(budget_ms, fuse=True)
+    fused = [e for e in eng.log if e[0] == "fused"]
+    # while the long prompt prefills, every iteration is ONE fused call: no separate decode call, no
+    # plain piece; the chat gets a token from each
+    first, last = fused[0][6], fused[-1][6]
+    assert fused[-1][3] == 4000 and all(e[1] == 1 and e[5] == (0,) for e in fused)
+    assert not [e for e in eng.log if e[0] != "fused" and first <= e[-1] <= last]
+    # every chat gap during the prefill is within the budget (exact: the script has the form CostBound
+    # assumes, so its bounds are upper bounds) ...
+    during = [b - a for a, b in zip(times, times[1:]) if first < b <= last]
+    assert len(during) == len(fused) - 1 and max(during) <= budget_ms / 1000 + 1e-12
+    # ... the pieces grow past the smallest bucket once measured (a fused 256-row piece costs 16-26 ms
+    # here: it fits a 40 ms budget, not a 20 ms one), and no piece is larger than the largest that fits
+    buckets = [e[4] for e in fused]
+    assert 64 in buckets and (256 in buckets) == (budget_ms == 40.0)
+    assert all(fused_ms(e[4], e[3], 10 + i) <= budget_ms + 1e-9 or e[4] == 16 for i, e in enumerate(fused))
+    # the point of fusing: the chat's steps no longer pay a decode call's fixed cost and the pieces need
+    # not leave room for one, so the long prompt's prefill takes less time than with separate calls
+    _, _, t_separate = _long_beside_chat(budget_ms, fuse=False)
+    assert t_fused < t_separate, (t_fused, t_separate)
+
+
+def test_budget_off_fuses_one_full_piece_per_iteration():
+    clock, eng, sch = _paced(0, fuse=True)
+    chat, long = _req("chat", 5, 50), _req("long", 1000, 1)
+    sch.submit(chat)
+    sch.step()
+    sch.submit(long)
+    _run(sch, lambda: long.done)
+    fused = [e for e in eng.log if e[0] == "fused"]
+    assert [e[4] for e in fused] == [256] * 4 and all(e[5] == (0,) for e in fused)
+    assert not [e for e in eng.log if e[0] == "prefill" and e[1] == 1]
+    chat.cancel()
+    sch.step()

@@ -30,6 +30,7 @@ class SlotQueries:
     prefill_buckets), and prefix reuse of released slots (`held`: equal tokens only, no DCA)."""
 
     prefill_buckets = (4,)
+    fuses_decode = False          # no prefill_and_decode unless a double defines it (CostEngine: fused_s)
 
     def slot_state(self, slot):
         q = self.seqs[slot]
@@ -86,13 +87,16 @@ class CostEngine(SlotQueries):
     end, bucket, clock after) for prefill pieces and (kind, slots, n, clock after) for decode calls.
 
     prefill_s(bucket, end): a piece padded to `bucket` rows ending at position `end`;
-    decode_s(n, cached): one call of n steps over slots caching `cached` tokens in all."""
+    decode_s(n, cached): one call of n steps over slots caching `cached` tokens in all;
+    fused_s(bucket, end, cached): a piece fused with one decode step (prefill_and_decode, logged as
+    ("fused", slot, start, end, bucket, decode slots, clock after)); None: the double cannot fuse."""
 
     def __init__(self, clock: Clock, prefill_s: Callable[[int, int], float], decode_s: Callable[[int, int], float],
                  *, buckets=(16, 64, 256), prefill_chunk=256, max_batch=2, decode_block=16,
-                 max_model_len=100_000):
+                 max_model_len=100_000, fused_s: Callable[[int, int, int], float] | None = None):
         self.max_batch, self.clock, self.decode_block = max_batch, clock, decode_block
-        self.prefill_s, self.decode_s = prefill_s, decode_s
+        self.prefill_s, self.decode_s, self.fused_s = prefill_s, decode_s, fused_s
+        self.fuses_decode = fused_s is not None
         self.prefill_buckets = tuple(buckets)
         self.engine_config = EngineConfig(max_model_len=max_model_len, prefill_chunk=prefill_chunk,
                                           max_batch=max_batch)
@@ -112,11 +116,22 @@ class CostEngine(SlotQueries):
     def decode_steps(self, slots, n):
         cached = sum(self.slot_state(s).cached for s in slots)
         self.clock.t += self.decode_s(n, cached)
+        self.log.append(("decode", tuple(slots), n, self.clock.t))
+        return self._tokens(slots, n)
+
+    def prefill_and_decode(self, slot, decode_slots, max_tokens=None):
+        q = self.seqs[slot]
+        start, end, bucket = self.next_piece(slot, max_tokens)
+        self.clock.t += self.fused_s(bucket, end, sum(self.slot_state(s).cached for s in decode_slots))
+        q.prefilled = end
+        self.log.append(("fused", slot, start, end, bucket, tuple(decode_slots), self.clock.t))
+        return (q.prompt_len if end == q.prompt_len else None), self._tokens(decode_slots, 1)
+
+    def _tokens(self, slots, n):
         out = {}
         for s in slots:
             q = self.seqs[s]
             out[s] = [q.out[-1] + 1 + i for i in range(min(n, q.params.max_new_tokens - len(q.out)))]
-        self.log.append(("decode", tuple(slots), n, self.clock.t))
         return out
 
     def release(self, slot, keep=True):

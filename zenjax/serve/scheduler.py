@@ -167,10 +167,12 @@ class Scheduler:
 
     def __init__(self, engine, *, max_queue: int, metrics=None,
                  on_finish: Callable[[Request, str, str], None] | None = None, max_itl_ms: float = 0.0,
-                 reuse_min: int = 0, clock: Callable[[], float] = time.monotonic):
+                 reuse_min: int = 0, clock: Callable[[], float] = time.monotonic, fuse: bool = True):
         """max_itl_ms: inter-token budget of running streams (0 = unbounded: one piece per iteration);
         reuse_min: prefix reuse of at least this many tokens (0 = off); clock: measures step times
-        (tests inject a scripted one). The server's defaults are ServerConfig's."""
+        (tests inject a scripted one); fuse: run a piece and the running streams' decode step as one call
+        where the engine can (False: separate calls, the benchmarks' baseline). The server's defaults are
+        ServerConfig's."""
         if max_itl_ms < 0 or reuse_min < 0:
             raise ValueError(f"max_itl_ms={max_itl_ms} and reuse_min={reuse_min} must be >= 0")
         self.engine = engine
@@ -180,6 +182,10 @@ class Scheduler:
         # (bucket, end position) -> seconds, for dense and for sparse pieces (different costs)
         self.prefill_cost = {False: CostBound(), True: CostBound()}
         self.decode_cost = CostBound()       # (steps, tokens cached in the decoding slots) -> seconds
+        # a piece fused with one decode step of the running streams (engine.prefill_and_decode), when the
+        # engine can: (bucket, end position) -> seconds, dense and sparse
+        self.fuse = bool(fuse and engine.fuses_decode)
+        self.fused_cost = {False: CostBound(), True: CostBound()}
         self._released = [0] * int(engine.max_batch)   # release order of each slot (LRU choice)
         self._release_count = 0
         self.max_batch = int(engine.max_batch)
@@ -280,9 +286,9 @@ class Scheduler:
         self._reap()
         self._admit()
         self._prefill_spent = 0.0
-        worked = self._prefill_work()
+        worked, decoded = self._prefill_work()
         decoding = self._decoding()
-        if decoding:
+        if decoding and not decoded:
             self._decode(decoding)
             worked = True
         self.steps += worked
@@ -291,17 +297,26 @@ class Scheduler:
     def _decoding(self) -> list[int]:
         return [s for s, r in enumerate(self._slots) if r is not None and r.decoding]
 
-    def _prefill_work(self) -> bool:
-        """Step 3 of the loop; True if a piece ran."""
+    def _prefill_work(self) -> tuple[bool, bool]:
+        """Step 3 of the loop: (a piece ran, the decoding slots got their step with it)."""
         decoding = self._decoding()
+        if decoding and self.fuse:
+            slot = self._next_prefill_slot()
+            if slot is None:
+                return False, False
+            if self.max_itl_s <= 0:
+                self._prefill(slot, None, decoding)
+            else:
+                self._prefill(slot, self._fused_size(slot, decoding), decoding)
+            return True, True
         if self.max_itl_s <= 0 or not decoding:
             slot = self._next_prefill_slot()
             if slot is None:
-                return False
+                return False, False
             self._prefill(slot, None)
-            return True
+            return True, False
         if not len(self.decode_cost):
-            return False                     # no decode call measured yet: this iteration's call measures one
+            return False, False              # no decode call measured yet: this iteration's call measures one
         left = self.max_itl_s - self.decode_cost.bound(1, self._decode_context(decoding))
         ran = 0
         while True:
@@ -314,7 +329,7 @@ class Scheduler:
             self._rr = slot
             left -= self._prefill(slot, size)
             ran += 1
-        return ran > 0
+        return ran > 0, False
 
     def _piece_size(self, slot: int, left: float, first: bool) -> int | None:
         """The largest prefill bucket whose piece of `slot` is bounded within `left` seconds; the smallest
@@ -327,6 +342,24 @@ class Scheduler:
             if bound is not None and bound <= left:
                 return b
         return buckets[0] if first else None
+
+    def _fused_size(self, slot: int, decoding: list[int]) -> int:
+        """The largest bucket whose piece of `slot` fused with a decode step of `decoding` is bounded within
+        the budget; the smallest one when none is (progress). Before any fused call of that kind was
+        measured, a bound is the piece's plus the decode step's (each measured alone), if both exist."""
+        sparse = self.engine.slot_state(slot).sparse
+        fused, alone = self.fused_cost[sparse], self.prefill_cost[sparse]
+        step = self.decode_cost.bound(1, self._decode_context(decoding)) if len(self.decode_cost) else None
+        buckets = sorted(self.engine.prefill_buckets)
+        for b in reversed(buckets):
+            _, end, bucket = self.engine.next_piece(slot, b)
+            bound = fused.bound(bucket, end)
+            if bound is None and step is not None:
+                piece = alone.bound(bucket, end)
+                bound = None if piece is None else piece + step
+            if bound is not None and bound <= self.max_itl_s:
+                return b
+        return buckets[0]
 
     def _decode_context(self, slots: list[int]) -> int:
         return sum(self.engine.slot_state(s).cached for s in slots)
@@ -390,19 +423,27 @@ class Scheduler:
                 return s
         return None
 
-    def _prefill(self, slot: int, max_tokens: int | None) -> float:
-        """One piece of `slot` (<= max_tokens); returns its measured seconds."""
+    def _prefill(self, slot: int, max_tokens: int | None, decode: list[int] | None = None) -> float:
+        """One piece of `slot` (<= max_tokens), fused with one decode step of the slots in `decode` if
+        given; returns its measured seconds."""
         req = self._slots[slot]
         view = self.engine.slot_state(slot)
         before = view.prefilled
-        cost = self.prefill_cost[view.sparse]
+        cost = (self.fused_cost if decode else self.prefill_cost)[view.sparse]
         _, end, bucket = self.engine.next_piece(slot, max_tokens)
         t0 = self.clock()
+        tokens: dict = {}
         try:
-            token = (self.engine.prefill_next(slot) if max_tokens is None
-                     else self.engine.prefill_next(slot, max_tokens))
+            if decode:
+                token, tokens = self.engine.prefill_and_decode(slot, decode, max_tokens)
+            elif max_tokens is None:
+                token = self.engine.prefill_next(slot)
+            else:
+                token = self.engine.prefill_next(slot, max_tokens)
         except Exception as e:
-            self._abort(slot, "prefill", e)
+            # a failed fused step cannot be pinned on one sequence: every slot in it fails
+            for s in [slot] + list(decode or ()):
+                self._abort(s, "prefill", e)
             return self.clock() - t0
         dt = self.clock() - t0
         self._prefill_spent += dt
@@ -410,6 +451,7 @@ class Scheduler:
         view = self.engine.slot_state(slot)
         if self.metrics is not None:
             self.metrics.prefill(view.prefilled - before, dt, bucket)
+        self._emit_all(tokens)
         req.events.put(Progress(view.prefilled, view.prompt_len))
         if token is not None:
             req.t_first = time.monotonic()
@@ -456,8 +498,12 @@ class Scheduler:
                 self._abort(s, "decode", e)
             return
         self.decode_cost.add(n, context, self.clock() - t0)
-        for s in slots:
-            for token in tokens.get(s, ()):
+        self._emit_all(tokens)
+
+    def _emit_all(self, tokens: dict) -> None:
+        """The tokens of a decode call per slot, in order, up to where each slot finished."""
+        for s, toks in tokens.items():
+            for token in toks:
                 if self._slots[s] is None:       # finished (or failed) at an earlier token of this call
                     break
                 self._emit(s, token)
