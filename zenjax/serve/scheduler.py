@@ -14,6 +14,9 @@ zenjax/serve/service.py; the scheduler thread on the right):
       3. prefill  pieces of the prefilling slots, round-robin: ONE full-size piece when no stream decodes
                   (or max_itl_ms = 0), else as many pieces as fit the inter-token budget (below)
                   -> Progress event per piece; after a prompt's last piece its first token -> Delta event
+                  Fused (the engine's prefill_and_decode, when it has several slots): while streams
+                  decode, the iteration's ONE piece and one decode step of every decoding slot are one
+                  device call (one read of the weights for both) -> its Deltas, and step 4 is skipped
       4. decode   ONE device call of n steps for every slot past prefill -> one Delta per token; a
                   finished sequence gets its Finished event and its slot is released (tokens the call made
                   past a stop string are dropped). n: see `_decode_steps`
@@ -41,6 +44,11 @@ with the 32 ms left, the largest smaller piece whose bound fits (1024 if <= 32 m
 one decode step: a token every ~100 ms.
 At 1M context where even one 256 piece takes longer than the budget, each iteration runs that one piece
 and one decode step: the gap is one smallest piece (the best the compiled buckets allow).
+Fused, the iteration is one call: the largest bucket whose fused call is bounded within the whole budget
+(`fused_cost`, its own CostBound; before one was measured, the piece's bound plus the decode step's). One
+piece per iteration, not several: each extra piece pays the weights and the fixed costs once more, while
+an extra iteration costs only its decode rows, so fewer, larger pieces give the long prompt the shorter
+TTFT (and the streams a gap shorter than the budget). In the example: one 2048 piece per iteration at 64K.
 Round-robin over prefilling prompts bounds a newly admitted prompt's wait by one piece per other
 prefilling prompt. Piece sizes now depend on timing; a dense prefill's result does not (only rounding
 changes), but a sparse one estimates its indices from each piece's last queries, so with sparse prefill
