@@ -37,6 +37,12 @@ where the old ones took 256:416 2048:8. Why t=0 stays above 1.10: at 64K-128K co
 one ~6 ms decode step: ~180 pieces + ~107 decode steps = ~0.55 + ~0.6 s over the 8.74 s alone; a 128
 bucket (less waste at the end of a gap, more c0) measured 1.127 / 1.161, no better. With these costs
 ratio <= 1.10 at t=0 needs a larger budget or a cheaper per-piece overhead, not better pacing.
+
+Fused (the scheduler's default where the engine has prefill_and_decode): each iteration is ONE call of the
+largest fitting piece and the chat's decode step, whose weight read the piece already pays (fused_cost:
+the piece + FUSED_ROWS + the step's attention, an assumed marginal): plain t=0 1.049 (ITL max 99.6 ms),
+mid 1.024; grid t=0 1.066, mid 1.038, with pieces 512:39 1024:78 2048:11 instead of 256:60 512:52
+1024:65 2048:7 (fewer, larger pieces: no decode step to leave room for).
 """
 from __future__ import annotations
 
@@ -69,6 +75,15 @@ def grid_prefill(bucket: int, end: int) -> float:
 
 def decode_cost(n: int, cached: int) -> float:
     return 0.3e-3 + n * (4.7e-3 + cached * 1.67e-8)
+
+
+FUSED_ROWS = 0.5e-3      # a decode step's rows inside a prefill piece: sampling, lm_head rows, small kernels
+
+
+def fused_cost(model: str):
+    """A piece fused with one decode step (engine.prefill_and_decode): the piece, plus the step's
+    attention over its keys and FUSED_ROWS, not its weight read (an assumption until measured)."""
+    return lambda bucket, end, cached: MODELS[model](bucket, end) + FUSED_ROWS + cached * 1.67e-8
 
 
 MODELS = {"plain": plain_prefill, "grid": grid_prefill}
@@ -105,12 +120,14 @@ class GlobalFitCostBound:
 
 def simulate(model: str, buckets, *, long: int, chat_at: float | None, max_itl_ms: float = 100.0,
              old_bound: bool = False, chat_prompt: int = 200, chat_tokens: int = 256,
-             chunk: int = 8192) -> dict:
+             chunk: int = 8192, fused: bool = False) -> dict:
     """One run: the long prompt at t = 0, the chat at clock `chat_at` (None: no chat). Returns the long
-    prompt's TTFT, the chat's gaps, and the long prompt's pieces per bucket."""
+    prompt's TTFT, the chat's gaps, and the long prompt's pieces per bucket. fused: the engine offers
+    prefill_and_decode at fused_cost(model)."""
     clock = Clock()
     eng = CostEngine(clock, MODELS[model], decode_cost, buckets=buckets, prefill_chunk=chunk, max_batch=2,
-                     max_model_len=long + chat_prompt + chat_tokens + 16)
+                     max_model_len=long + chat_prompt + chat_tokens + 16,
+                     fused_s=fused_cost(model) if fused else None)
     sch = Scheduler(eng, max_queue=4, max_itl_ms=max_itl_ms, clock=clock)
     if old_bound:
         sch.prefill_cost = {False: GlobalFitCostBound(), True: GlobalFitCostBound()}
@@ -128,11 +145,13 @@ def simulate(model: str, buckets, *, long: int, chat_at: float | None, max_itl_m
         sch.step()
     else:
         raise RuntimeError("simulation did not finish")
-    pieces = [e for e in eng.log if e[0] == "prefill" and e[1] == big.slot]
-    out = {"ttft_s": pieces[-1][5], "pieces": dict(sorted(collections.Counter(p[4] for p in pieces).items()))}
+    pieces = [e for e in eng.log if e[0] in ("prefill", "fused") and e[1] == big.slot]
+    out = {"ttft_s": pieces[-1][-1], "pieces": dict(sorted(collections.Counter(p[4] for p in pieces).items()))}
     if chat_at is not None:
         times = [e[5] for e in eng.log if e[0] == "prefill" and e[1] == chat.slot and e[3] == chat_prompt]
         times += [e[3] for e in eng.log if e[0] == "decode" and chat.slot in e[1]]
+        times += [e[6] for e in eng.log if e[0] == "fused" and chat.slot in e[5]]
+        times.sort()
         gaps = np.diff(times)
         during = gaps[np.asarray(times[1:]) <= out["ttft_s"]]
         out.update(itl_max_ms=1e3 * float(gaps.max()), itl_p99_ms=1e3 * float(np.percentile(gaps, 99)),
@@ -143,12 +162,14 @@ def simulate(model: str, buckets, *, long: int, chat_at: float | None, max_itl_m
 def sweep(long: int, max_itl_ms: float) -> list[dict]:
     """Every model x bucket set x cost bound x chat start; TTFT ratio against the same setting alone."""
     rows = []
-    for model, (bname, buckets), old in itertools.product(MODELS, [("old", OLD_BUCKETS), ("new", NEW_BUCKETS)],
-                                                          (True, False)):
+    cases = [(m, b, old, False) for m, b, old in itertools.product(MODELS, [("old", OLD_BUCKETS), ("new", NEW_BUCKETS)],
+                                                                    (True, False))]
+    cases += [(m, ("new", NEW_BUCKETS), False, True) for m in MODELS]            # + the fused decode step
+    for model, (bname, buckets), old, fused in cases:
         alone = simulate(model, buckets, long=long, chat_at=None, max_itl_ms=max_itl_ms, old_bound=old)
         for start, at in (("t=0", 0.0), ("mid", alone["ttft_s"] / 2)):
-            r = simulate(model, buckets, long=long, chat_at=at, max_itl_ms=max_itl_ms, old_bound=old)
-            rows.append(dict(model=model, buckets=bname, bound="old" if old else "new", chat=start,
+            r = simulate(model, buckets, long=long, chat_at=at, max_itl_ms=max_itl_ms, old_bound=old, fused=fused)
+            rows.append(dict(model=model, buckets=bname, bound="old" if old else "new", fused=fused, chat=start,
                              ttft_alone_s=alone["ttft_s"], ttft_s=r["ttft_s"],
                              ratio=r["ttft_s"] / alone["ttft_s"], itl_max_ms=r["itl_max_ms"],
                              itl_p99_ms=r["itl_p99_ms"], pieces=r["pieces"]))
@@ -156,10 +177,11 @@ def sweep(long: int, max_itl_ms: float) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':6} {'buckets':7} {'bound':5} {'chat':4} {'alone s':>8} {'along s':>8} {'ratio':>6} "
+    lines = [f"{'model':6} {'buckets':7} {'bound':5} {'fused':5} {'chat':4} {'alone s':>8} {'along s':>8} {'ratio':>6} "
              f"{'ITL max':>8} {'ITL p99':>8}  pieces of the long prompt (bucket: count)"]
     for r in rows:
-        lines.append(f"{r['model']:6} {r['buckets']:7} {r['bound']:5} {r['chat']:4} {r['ttft_alone_s']:8.3f} "
+        lines.append(f"{r['model']:6} {r['buckets']:7} {r['bound']:5} {'yes' if r['fused'] else 'no':5} {r['chat']:4} "
+                     f"{r['ttft_alone_s']:8.3f} "
                      f"{r['ttft_s']:8.3f} {r['ratio']:6.3f} {r['itl_max_ms']:8.1f} {r['itl_p99_ms']:8.1f}  "
                      + " ".join(f"{k}:{v}" for k, v in r["pieces"].items()))
     return "\n".join(lines)

@@ -47,3 +47,12 @@ def test_sim_old_buckets_take_longer_than_new_ones():
     old = sim.simulate("plain", sim.OLD_BUCKETS, long=T, chat_at=0.0, max_itl_ms=1000 * G)
     new = _run(0.0)
     assert new["ttft_s"] < old["ttft_s"] and old["itl_max_ms"] <= 1000 * G + 1e-9
+
+
+def test_sim_fused_decode_step_keeps_the_budget_and_shortens_the_ttft():
+    # one fused call per iteration: the gap is that call, bounded within the budget like the separate
+    # calls' sum; the long prompt's prefill no longer pays a decode call's weight read per chat token
+    fused = sim.simulate("plain", sim.NEW_BUCKETS, long=T, chat_at=0.0, max_itl_ms=1000 * G, fused=True)
+    separate = _run(0.0)
+    assert fused["itl_max_ms"] <= 1000 * G + 1e-9, fused
+    assert fused["ttft_s"] < separate["ttft_s"], (fused, separate)
