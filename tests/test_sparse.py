@@ -337,7 +337,7 @@ def test_small_budgets_are_sparse_and_differ():
 
 # ------------------------------------------------------------------ the engine
 
-def _engine(sparse_cfg, chunk=32):
+def _engine(sparse_cfg, chunk=32, max_batch=1):
     import dataclasses as dc
     from zenjax.config import engine_config
     from zenjax.engine import Engine
@@ -345,7 +345,8 @@ def _engine(sparse_cfg, chunk=32):
     cfg = dc.replace(_cfg(layers=2, heads=28, kv=4), hidden_size=224, head_dim=8, vocab_size=300,
                      rope_theta=1e4, dca=DCAConfig(32, 8, 32))                             # s = 24
     params = init_params(cfg, jax.random.key(0), jnp.float32, scale=0.2)
-    ec = engine_config(max_model_len=400, prefill_chunk=chunk, attention="reference", dtype="float32")
+    ec = engine_config(max_model_len=400, prefill_chunk=chunk, attention="reference", dtype="float32",
+                       max_batch=max_batch)
     return Engine(cfg, params, ec, verbose=False, sparse=sparse_cfg)
 
 
@@ -364,6 +365,37 @@ def test_engine_sparse_just_over_threshold_and_counts():
     assert sp.generate(ids, p).token_ids == dense.generate(ids, p).token_ids           # pieces in chunk 3
     assert sp.trace_counts["prefill_sparse"] == 1 and "prefill_sparse" in sp.compiled_shapes()
     assert "prefill_sparse" not in dense.compiled_shapes()
+
+
+def test_sparse_piece_fused_with_a_decode_step_equals_the_two_calls():
+    """A sparse prompt (small budgets: really sparse) prefilled in slot 1 while slot 0 decodes: the fused
+    call (engine.prefill_and_decode, the prefill_decode_sparse step) gives the tokens of prefill_next +
+    decode_steps. The indices are estimated from the same piece's queries either way; only float32
+    rounding of the shared matmul may differ (tests/test_prefill_decode.py), too little to change a
+    top-k or a token here."""
+    from zenjax.sampling import SamplingParams
+    ids = [int(t) for t in np.random.RandomState(1).randint(0, 300, 120)]
+    budgets = SparseConfig(budgets=(((6, 6),) * 28,) * 2, threshold=40)
+
+    def run(fused):
+        eng = _engine(budgets, chunk=32, max_batch=2)
+        eng.start(0, ids[:7], SamplingParams(max_new_tokens=30))
+        out0 = [eng.prefill_next(0)]
+        eng.start(1, ids[7:], SamplingParams(max_new_tokens=3))
+        first = None
+        while first is None:
+            if fused:
+                first, got = eng.prefill_and_decode(1, [0], 20)
+            else:
+                first, got = eng.prefill_next(1, 20), eng.decode_steps([0], 1)
+            out0 += got[0]
+        assert eng.stats()["sparse_prefill_tokens"] == 113
+        return out0, first, eng
+
+    (a0, a1, _), (b0, b1, eng) = run(False), run(True)
+    # 113 tokens in 9 pieces of <= 20 that never cross a DCA boundary (s = 24): 0-20, 20-24, 24-44, ...
+    assert (b0, b1) == (a0, a1) and len(a0) == 1 + 9
+    assert eng.trace_counts["prefill_decode_sparse"] == 1 and "prefill_decode_sparse" in eng.compiled_shapes()
 
 
 def test_load_reads_refuses_and_turns_off(tmp_path):
