@@ -218,8 +218,8 @@ class Qwen2(nnx.Module):
         the prefill piece below its slot's). Returns ([logits per group], new cache)."""
         cfg, mesh = self.cfg, self.mesh
         shapes = [g.inp.tokens.shape for g in groups]
-        if recall_probe is not None and len(groups) > 1:
-            raise ValueError("recall_probe runs on a single row group")
+        if len(groups) > 1 and (recall_probe is not None or any(g.logits_rows is None for g in groups)):
+            raise ValueError("recall_probe and all-row logits run on a single row group")
 
         def join(parts):             # per group [B_g, T_g, ...] -> [B, T, ...] (one group) or [1, R, ...]
             if len(parts) == 1:
@@ -272,17 +272,14 @@ class Qwen2(nnx.Module):
             h = rms_norm(x, blk.mlp_norm[...], cfg.rms_norm_eps)
             x = x + (moe_mlp(w, h, cfg.moe, mesh, blk.axes(cfg, l)) if cfg.is_moe_layer(l) else dense_mlp(w, h))
             x = constrain(x, mesh, ACT_AXES)
-        xs = split(x)
-        if all(g.logits_rows is not None for g in groups):      # one head product for every group's rows
-            rows = [jnp.take_along_axis(xg, g.logits_rows[:, None, None], axis=1)[:, 0] for g, xg in zip(groups, xs)]
-            logits = self._logits(jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0])   # [sum B_g, V]
-            cuts = list(itertools.accumulate(B for B, _ in shapes))[:-1]
-            per_group = jnp.split(logits, cuts, axis=0) if cuts else [logits]
-        else:
-            per_group = [self._logits(xg) if g.logits_rows is None else
-                         self._logits(jnp.take_along_axis(xg, g.logits_rows[:, None, None], axis=1)[:, 0])
-                         for g, xg in zip(groups, xs)]
-        return list(per_group), KVCache.from_layers(new_bufs, cache.quantized)
+        cache = KVCache.from_layers(new_bufs, cache.quantized)
+        if len(groups) == 1 and groups[0].logits_rows is None:    # every row's logits [B, T, V] (short inputs)
+            return [self._logits(x)], cache
+        # one head product for every group's rows: [sum B_g, V], then cut per group
+        rows = [jnp.take_along_axis(xg, g.logits_rows[:, None, None], axis=1)[:, 0] for g, xg in zip(groups, split(x))]
+        logits = self._logits(jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0])
+        cuts = list(itertools.accumulate(B for B, _ in shapes))[:-1]
+        return (jnp.split(logits, cuts, axis=0) if cuts else [logits]), cache
 
     def _logits(self, x):
         x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)

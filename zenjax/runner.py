@@ -331,9 +331,8 @@ class Runner:
     def prefill_decode(self, slot: int, ids, start: int, end: int, slots, sparse: bool = False):
         """Prefill ids[start:end] into row `slot` and run one decode step for `slots` (not `slot`) in one
         device call: (the piece's last-row logits [1, V], the step's tokens [1, B]; both device, -1 = no
-        token). Equal to prefill(...) followed by decode(slots, 1), with one weight read instead of two."""
-        if slot in slots:
-            raise ValueError(f"slot {slot} cannot prefill and decode in one step")
+        token). Equal to prefill(...) followed by decode(slots, 1), with one weight read instead of two.
+        The engine checks the slots (Engine._piece: `slot` prefilling, `slots` past prefill)."""
         inp = self._piece_inputs(ids, start, end, len(ids))
         row = jnp.asarray([end - start - 1], jnp.int32)
         logits, out, self.cache, self.sampler, self.decode_state = self._prefill_decode(

@@ -342,14 +342,9 @@ class Scheduler:
     def _piece_size(self, slot: int, left: float, first: bool) -> int | None:
         """The largest prefill bucket whose piece of `slot` is bounded within `left` seconds; the smallest
         one for the iteration's first piece when none is (progress); None: stop prefilling."""
-        buckets = sorted(self.engine.prefill_buckets)
         cost = self.prefill_cost[self.engine.slot_state(slot).sparse]
-        for b in reversed(buckets):
-            _, end, bucket = self.engine.next_piece(slot, b)
-            bound = cost.bound(bucket, end)
-            if bound is not None and bound <= left:
-                return b
-        return buckets[0] if first else None
+        size = self._largest_within(slot, left, cost.bound)
+        return size if size is not None or not first else min(self.engine.prefill_buckets)
 
     def _fused_size(self, slot: int, decoding: list[int]) -> int:
         """The largest bucket whose piece of `slot` fused with a decode step of `decoding` is bounded within
@@ -358,16 +353,24 @@ class Scheduler:
         sparse = self.engine.slot_state(slot).sparse
         fused, alone = self.fused_cost[sparse], self.prefill_cost[sparse]
         step = self.decode_cost.bound(1, self._decode_context(decoding)) if len(self.decode_cost) else None
-        buckets = sorted(self.engine.prefill_buckets)
-        for b in reversed(buckets):
-            _, end, bucket = self.engine.next_piece(slot, b)
-            bound = fused.bound(bucket, end)
-            if bound is None and step is not None:
+
+        def bound(bucket, end):
+            b = fused.bound(bucket, end)
+            if b is None and step is not None:
                 piece = alone.bound(bucket, end)
-                bound = None if piece is None else piece + step
-            if bound is not None and bound <= self.max_itl_s:
+                b = None if piece is None else piece + step
+            return b
+        size = self._largest_within(slot, self.max_itl_s, bound)
+        return size if size is not None else min(self.engine.prefill_buckets)
+
+    def _largest_within(self, slot: int, left: float, bound) -> int | None:
+        """The largest prefill bucket whose next piece of `slot` has bound(bucket, end) <= left, else None."""
+        for b in sorted(self.engine.prefill_buckets, reverse=True):
+            _, end, bucket = self.engine.next_piece(slot, b)
+            est = bound(bucket, end)
+            if est is not None and est <= left:
                 return b
-        return buckets[0]
+        return None
 
     def _decode_context(self, slots: list[int]) -> int:
         return sum(self.engine.slot_state(s).cached for s in slots)
