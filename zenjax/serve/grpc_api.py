@@ -29,7 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from zenjax.serve import zenjax_pb2 as pb
 from zenjax.serve.errors import InvalidRequest, ServiceError
 from zenjax.serve.metrics import log_event
-from zenjax.serve.scheduler import Delta, Failed, Finished, Progress
+from zenjax.serve.events import Delta, Failed, Finished, Progress
 from zenjax.serve.service import Limits, Service, limits_for, sampling_params
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name   # "zenjax.v1.Inference"

@@ -45,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from zenjax.serve.errors import InvalidRequest, ServiceError
 from zenjax.serve.metrics import log_event
-from zenjax.serve.scheduler import Delta, Failed, Finished, Progress
+from zenjax.serve.events import Delta, Failed, Finished, Progress
 from zenjax.serve.service import Service
 
 _HTTP_STATUS = {"invalid_request": 400, "unauthenticated": 401, "queue_full": 429, "internal": 500,

@@ -68,7 +68,6 @@ read results from per-request queues. An exception raised for one request fails 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -78,47 +77,13 @@ from typing import Callable, Sequence
 
 from zenjax.sampling import SamplingParams
 from zenjax.serve.errors import QueueFull, Unavailable
+from zenjax.serve.events import Delta, Failed, Finished, Progress, Usage
 from zenjax.serve.pacing import CostBound
 
 __all__ = ["Delta", "Failed", "Finished", "Progress", "QueueFull", "Request", "Scheduler", "ShuttingDown",
            "Usage"]
 
 log = logging.getLogger("zenjax.serve")
-
-
-# ---------------------------------------------------------------- events (scheduler -> handler)
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    prefilled: int
-    total: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    generated_tokens: int
-    ttft_s: float
-    queue_s: float
-    total_s: float
-    reused_tokens: int = 0     # prompt tokens whose K/V came from the slot's previous sequence (prefix reuse)
-
-
-@dataclasses.dataclass(frozen=True)
-class Finished:
-    reason: str            # "stop" | "length" | "cancelled"
-    usage: Usage
-
-
-@dataclasses.dataclass(frozen=True)
-class Failed:
-    code: str              # an errors.ServiceError code: "invalid_request" | "unavailable" | "internal"
-    message: str
 
 
 class ShuttingDown(Unavailable):
