@@ -79,7 +79,7 @@ def smem_bytes(n_variants: int, block_q: int, block_k: int, head_dim: int, stage
     return q + kv
 
 
-def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, n_variants,
+def _kernel(q_start_ref, kv_len_ref, kv_rows_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scratch, *, n_variants,
             num_pairs, num_splits, block_q, block_k, head_dim, stages, chunk_len, seq_len, group, interpret):
     q_smem, k_smem, v_smem, _, p_smem, q_bars, k_bars, v_bars, k_free, v_free, sched = scratch
     b = lax.axis_index("batch")
@@ -257,9 +257,10 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         kv_head = lax.div(n, group)
+        row = kv_rows_ref[b]                                          # this batch row's cache row
 
         def load(t, slot):
-            keys = (b, pl.ds((t0 + t) * block_k, block_k), kv_head)
+            keys = (row, pl.ds((t0 + t) * block_k, block_k), kv_head)
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_bars.at[slot])
 
@@ -269,7 +270,7 @@ def _kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, scra
         @pl.loop(0, jnp.maximum(steps - stages, 0))
         def _refill(t):
             slot = lax.rem(t, stages)
-            keys = (b, pl.ds((t0 + t + stages) * block_k, block_k), kv_head)
+            keys = (row, pl.ds((t0 + t + stages) * block_k, block_k), kv_head)
             plgpu.barrier_wait(k_free.at[slot])
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_bars.at[slot])
             plgpu.barrier_wait(v_free.at[slot])
@@ -320,7 +321,7 @@ def prefill_num_splits(batch: int, q_heads: int, rows: int, keys: int, block_k: 
 
 @functools.partial(jax.jit, static_argnames=("chunk_len", "block_q", "block_k", "max_concurrent_steps",
                                              "num_splits", "interpret"))
-def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k, max_concurrent_steps,
+def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, kv_rows, *, chunk_len, block_q, block_k, max_concurrent_steps,
                       num_splits, interpret):
     R, B, T, N, H = q3.shape
     S, K = k.shape[1], k.shape[2]
@@ -337,7 +338,7 @@ def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k,
                                block_k=block_k, head_dim=H, stages=stages, chunk_len=chunk_len,
                                seq_len=S, group=N // K, interpret=interpret)
 
-    def entry(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
+    def entry(q_start_ref, kv_len_ref, kv_rows_ref, q_ref, k_ref, v_ref, out_ref, lse_ref):
         scratch = [
             plgpu.SMEM((COMPUTE_WGS, R, block_q, H), q3.dtype, transforms=tiled),
             plgpu.SMEM((stages, block_k, H), k.dtype, transforms=tiled),
@@ -355,7 +356,7 @@ def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k,
             plgpu.Barrier(num_arrivals=COMPUTE_WGS),                  # ping-pong schedule
         )
         pl.run_scoped(
-            lambda *refs: kernel(q_start_ref, kv_len_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, refs),
+            lambda *refs: kernel(q_start_ref, kv_len_ref, kv_rows_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, refs),
             *scratch, *barriers, collective_axes="wg")
 
     out, lse = plgpu.kernel(
@@ -368,7 +369,7 @@ def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(q_start, kv_len, q3, k, v)
+    )(q_start, kv_len, kv_rows, q3, k, v)
     out, lse = out[:, :, :T], lse[:, :, :, :T].transpose(0, 1, 3, 2)          # [P,B,T,N,H], [P,B,T,N]
     if num_splits == 1:
         return out[0], lse[0]
@@ -378,7 +379,7 @@ def _dca_prefill_mgpu(q3, k, v, q_start, kv_len, *, chunk_len, block_q, block_k,
 
 def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, block_q: int = 64,
                      block_k: int = 128, max_concurrent_steps: int = 2, num_splits: int = 1,
-                     interpret: bool | None = None):
+                     interpret: bool | None = None, kv_rows=None):
     """Attention of T queries (absolute positions q_start + t) against the cache, DCA or plain.
 
     Contract of `dca_prefill` (see there): q [3,B,T,N,H] with chunk_len = s, or [B,T,N,H] with
@@ -392,9 +393,21 @@ def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, 
     LSE in jnp. The partials are written in q's dtype, so the merge adds at most one more rounding of
     the output (bf16: 2^-9 relative, a convex combination of rounded partials); `prefill_num_splits`
     picks the count.
+    kv_rows [B] int32: batch row b reads cache row kv_rows[b] of k, v [R, S, K, H] (any R; each value
+    < R, which a traced value cannot be checked for: the caller's slot bookkeeping holds it), so a
+    server's cache is read in place rather than through a copy of the rows (None: row b reads row b).
     """
     q3 = _split_variants(q, chunk_len)
-    _validate(q3, k, v, q_start, kv_len, chunk_len)
+    B = q3.shape[1]
+    if kv_rows is None:
+        kv_rows = jnp.arange(B, dtype=jnp.int32)
+        _validate(q3, k, v, q_start, kv_len, chunk_len)
+    else:
+        kv_rows = jnp.asarray(kv_rows, jnp.int32)
+        if kv_rows.shape != (B,):
+            raise ValueError(f"dca_prefill_mgpu: kv_rows must be [B]=[{B}] cache rows; got {kv_rows.shape}")
+        rows = lambda x: jax.ShapeDtypeStruct((B,) + x.shape[1:], x.dtype)   # what the queries read
+        _validate(q3, rows(k), rows(v), q_start, kv_len, chunk_len)
     check_dca_blocks(chunk_len, block_q=block_q, block_k=block_k)
     H = q3.shape[-1]
     dtypes = {jnp.dtype(x.dtype) for x in (q3, k, v)}
@@ -418,7 +431,7 @@ def dca_prefill_mgpu(q, k, v, q_start, kv_len, *, chunk_len: int | None = None, 
                          f"use fewer slots or block_k=64")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    return _dca_prefill_mgpu(q3, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32),
+    return _dca_prefill_mgpu(q3, k, v, jnp.asarray(q_start, jnp.int32), jnp.asarray(kv_len, jnp.int32), kv_rows,
                              chunk_len=chunk_len, block_q=block_q, block_k=block_k,
                              max_concurrent_steps=max_concurrent_steps, num_splits=num_splits,
                              interpret=bool(interpret))

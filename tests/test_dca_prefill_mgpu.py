@@ -109,3 +109,21 @@ def test_float32_inputs_are_refused():
     with pytest.raises(ValueError, match="bf16 or all f16"):
         dca_prefill_mgpu(q.astype(jnp.float32), k, v, jnp.zeros(1, jnp.int32), jnp.full(1, 8, jnp.int32),
                          interpret=True)
+
+
+def test_kv_rows_read_a_larger_cache_in_place():
+    # A server's cache holds R = 3 rows; the 2 query rows read cache rows 2 and 0 (kv_rows) in place: equal
+    # to the reference on a copy of those rows within _check's tolerances (a wrong row or offset would be
+    # off by O(1)). 28/4 heads, DCA, T = 70 (not a multiple of the 128-row CTA), row 0 straddling a chunk
+    # boundary, row 1 with kv_len < S.
+    q, _, _ = _inputs(3, dca=True, B=2, T=70, N=28, K=4, H=64, S=256)
+    _, k, v = _inputs(4, dca=True, B=3, T=1, N=28, K=4, H=64, S=256)
+    rows = jnp.asarray([2, 0], jnp.int32)
+    q_start, kv_len = jnp.asarray([100, 20], jnp.int32), jnp.asarray([170, 90], jnp.int32)
+    out, lse = dca_prefill_mgpu(q, k, v, q_start, kv_len, chunk_len=128, block_k=64, interpret=True, kv_rows=rows)
+    ref_out, ref_lse = _reference(q, k[rows], v[rows], q_start, kv_len, chunk_len=128)
+    out = np.asarray(out.astype(jnp.float32))
+    assert np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out) < 1e-2        # as _check
+    assert np.max(np.abs(np.asarray(lse) - np.asarray(ref_lse))) < 1e-3
+    with pytest.raises(ValueError, match="kv_rows must be"):
+        dca_prefill_mgpu(q, k, v, q_start, kv_len, chunk_len=128, block_k=64, interpret=True, kv_rows=rows[:1])

@@ -195,3 +195,41 @@ def test_dispatcher_asks_the_mosaic_kernel_for_key_splits(monkeypatch, T, S, spl
     jax.eval_shape(lambda q, k, v: pallas_impl.attention_lse(
         q, k, v, q_start=jnp.zeros(1, jnp.int32), kv_len=jnp.full(1, S, jnp.int32), dca=dca), q, kv, kv)
     assert seen["num_splits"] == splits and seen["block_k"] == 128
+
+
+@pytest.mark.parametrize("impl", ["reference", "pallas"])
+def test_dispatcher_kv_rows_equal_the_selected_rows(impl):
+    # meta.kv_rows: query row b reads cache row kv_rows[b] of a larger cache (a server's max_batch rows).
+    # The same call on a copy of those rows gives the same floats: identical, because every path here
+    # (the reference; pallas on the CPU, which copies the rows for the Triton kernel) computes on the
+    # very values of the copy.
+    q, k, v = _inputs(11, 1, 21)
+    _, k_all, v_all = _inputs(12, 3, 1)
+    k_all = k_all.at[1].set(k[0])
+    v_all = v_all.at[1].set(v[0])
+    meta = dispatcher.AttentionMeta.of([40], [61], DCA)
+    want = dispatcher.attention_lse(q, k, v, meta, impl=impl)
+    got = dispatcher.attention_lse(q, k_all, v_all, meta.replace(kv_rows=jnp.asarray([1], jnp.int32)), impl=impl)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_mosaic_prefill_gets_the_whole_cache_and_its_rows(monkeypatch):
+    # The Mosaic path (Hopper only: its kernel replaced by a recorder here) receives the [R, S, K, H] cache
+    # itself and kv_rows, not a sliced copy of the row.
+    from zenjax.attention import pallas as pallas_impl
+    import pallas_kernels.dca_prefill_mgpu as mg
+    seen = {}
+
+    def fake(q, k, v, q_start, kv_len, **kw):
+        seen.update(k_rows=k.shape[0], kv_rows=kw.get("kv_rows"))
+        return jnp.zeros(q.shape[1:], q.dtype), jnp.zeros(q.shape[1:4], jnp.float32)
+    monkeypatch.setattr(pallas_impl, "_use_mgpu", lambda q, interpret: True)
+    monkeypatch.setattr(mg, "dca_prefill_mgpu", fake)
+    monkeypatch.setattr("pallas_kernels.dca_decode.device_num_sms", lambda: 132)
+    q = jax.ShapeDtypeStruct((3, 1, 256, 28, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((4, 4096, 4, 128), jnp.bfloat16)
+    dca = DCAConfig(chunk_size=262144, local_size=8192, original_max_position_embeddings=32768)
+    meta = dispatcher.AttentionMeta.of([0], [4096], dca, kv_rows=[2])
+    jax.eval_shape(lambda q, k, v: dispatcher.attention_lse(q, k, v, meta, impl="pallas"), q, kv, kv)
+    assert seen["k_rows"] == 4 and seen["kv_rows"].shape == (1,)

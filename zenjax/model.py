@@ -255,9 +255,12 @@ class Qwen2(nnx.Module):
                 rotated.append(q)
             outs = []
             for g, q, (B, _) in zip(groups, rotated, shapes):
-                k_read, v_read, ks_read, vs_read = self._read(bufs, g.slot, B)
+                k_read, v_read, ks_read, vs_read = bufs
+                # a prefilling slot's row is named, not sliced: a kernel reads it in place (meta.kv_rows)
+                rows = None if g.slot is None else jnp.full((B,), g.slot, jnp.int32)
                 meta = attn_lib.AttentionMeta(g.inp.q_start, g.inp.kv_len, cfg.dca,
-                                              None if g.sparse is None else g.sparse.layer(l, cfg.rope_theta))
+                                              None if g.sparse is None else g.sparse.layer(l, cfg.rope_theta),
+                                              kv_rows=rows)
                 a, lse = attn_lib.attention_lse(q, k_read, v_read, meta, impl=impl, k_scale=ks_read,
                                                 v_scale=vs_read, mesh=mesh)
                 if recall_probe is not None:
@@ -310,17 +313,6 @@ class Qwen2(nnx.Module):
             return put(k_buf, k), put(v_buf, v), None, None
         (k8, ks), (v8, vs) = quantize_fp8(k), quantize_fp8(v)
         return put(k_buf, k8), put(v_buf, v8), put(ks_buf, ks), put(vs_buf, vs)
-
-    @staticmethod
-    def _read(bufs, slot, B):
-        """What attention reads of a layer's buffers: the whole cache (slot None: decode) or the prefilling
-        slot's row, as (k, v, k_scale, v_scale); an fp8 cache is returned as e4m3 values with their scales
-        (the Pallas decode kernel reads them directly; the dispatcher dequantizes for the other paths)."""
-        def row(buf):
-            if buf is None or slot is None:
-                return buf
-            return jax.lax.dynamic_slice_in_dim(buf, slot, B, axis=0)
-        return tuple(row(b) for b in bufs)
 
 
 @dataclasses.dataclass(frozen=True)

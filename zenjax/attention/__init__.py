@@ -10,7 +10,8 @@ Shapes (alphabet of zenjax/model.py):
              [3, B, T, N, H]   DCA: the same queries rotated three ways, (intra, succ, inter), spec 2.2
     k_cache  [B, S, K, H]      keys already written for this step (DCA: rotated with j mod s)
     v_cache  [B, S, K, H]
-    meta     AttentionMeta     q_start [B], kv_len [B], dca, sparse budgets / indices (meta.py)
+    meta     AttentionMeta     q_start [B], kv_len [B], dca, sparse budgets / indices, and kv_rows
+                               (meta.py): with kv_rows, k/v may hold more rows than B, row b reads kv_rows[b]
     out      [B, T, N, H]      in q's dtype;  lse [B, T, N] float32 (natural log)
 
 Semantics: query row t (absolute p = q_start + t) attends keys j <= p, j < kv_len, with softmax scale
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import importlib
 
-from zenjax.attention.meta import AttentionMeta
+from zenjax.attention.meta import AttentionMeta, select_rows
 from zenjax.attention.reference import NEG_INF, attention_mask, dca_region, reference_attention_lse
 
 __all__ = ["AttentionMeta", "IMPLS", "attention", "attention_lse", "implementation", "sparse_ready",
@@ -80,6 +81,7 @@ def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scal
     sliced with the q heads."""
     if mesh is None or mesh.size == 1:
         return _local_attention_lse(q, k_cache, v_cache, meta, impl=impl, k_scale=k_scale, v_scale=v_scale)
+    meta, (k_cache, v_cache, k_scale, v_scale) = _rows(implementation(impl), meta, k_cache, v_cache, k_scale, v_scale)
     import jax
     from jax.sharding import PartitionSpec as P
     from zenjax.sharding import spec_for
@@ -97,7 +99,8 @@ def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scal
     kv_spec, scale_spec = P(None, None, kvh, None), P(None, None, kvh)
     idx_spec = None if meta.indices is None else jax.tree.map(lambda x: P(None, heads, *(None,) * (x.ndim - 2)),
                                                               meta.indices)          # [B, N, ...]
-    meta_spec = meta.replace(q_start=P(), kv_len=P(), indices=idx_spec)
+    meta_spec = meta.replace(q_start=P(), kv_len=P(), indices=idx_spec,
+                             kv_rows=None if meta.kv_rows is None else P())
     scales = () if k_scale is None else (k_scale, v_scale)
 
     def local(q, k, v, meta, *scales):
@@ -112,6 +115,7 @@ def attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scal
 def _local_attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None):
     """attention_lse on one device's arrays (all heads, or the heads of a shard_map body)."""
     mod = implementation(impl)
+    meta, (k_cache, v_cache, k_scale, v_scale) = _rows(mod, meta, k_cache, v_cache, k_scale, v_scale)
     dense = meta.sparse is None and meta.indices is None
     if k_scale is not None and not (dense and getattr(mod, "READS_FP8", False)):
         from zenjax.model import dequantize_fp8
@@ -127,6 +131,20 @@ def _local_attention_lse(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str,
     run_sparse = getattr(mod, "run_sparse", None) or sparse.run_sparse
     out, lse = run_sparse(q, k_cache, v_cache, meta)
     return out.astype(q.dtype), lse
+
+
+def _rows(mod, meta: AttentionMeta, *caches):
+    """(meta, caches) as `mod` takes them: with meta.kv_rows set, the full caches where the module indexes
+    them itself (READS_KV_ROWS, dense, and READS_FP8 for an e4m3 cache), else a copy of the rows it reads
+    (select_rows) and kv_rows cleared. The sparse path always gets the copy: its estimator and kernels
+    read [B, S, K, H]."""
+    if meta.kv_rows is None:
+        return meta, caches
+    dense = meta.sparse is None and meta.indices is None
+    fp8 = caches[2] is not None
+    if dense and getattr(mod, "READS_KV_ROWS", False) and (not fp8 or getattr(mod, "READS_FP8", False)):
+        return meta, caches
+    return meta.replace(kv_rows=None), select_rows(meta.kv_rows, *caches)
 
 
 def attention(q, k_cache, v_cache, meta: AttentionMeta, *, impl: str, k_scale=None, v_scale=None, mesh=None):

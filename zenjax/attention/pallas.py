@@ -71,12 +71,19 @@ PREFILL_READS_FP8 = False
 
 
 def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None = None,
-                  interpret: bool | None = None, k_scale=None, v_scale=None):
+                  interpret: bool | None = None, k_scale=None, v_scale=None, kv_rows=None):
     """(out [B,T,N,H] in q's dtype, lse [B,T,N] float32) through the Pallas kernels. An e4m3 cache
     (k_scale, v_scale [B,S,K]) is read directly by the decode kernel; prefill dequantizes the layer first
-    (PREFILL_READS_FP8 says why)."""
+    (PREFILL_READS_FP8 says why). kv_rows [B] (meta.py): the cache rows the query rows read, caches
+    [R, S, K, H]; the Mosaic prefill kernel indexes them in place, the other paths get a copy of the rows."""
     chunk_len = None if dca is None else dca.chunk_len
     T = q.shape[-3]
+    in_place = (T > DECODE_MAX_T and k_scale is None and _use_mgpu(q, interpret)   # the Mosaic prefill below
+                and (chunk_len is None or chunk_len % 64 == 0))
+    if kv_rows is not None and not in_place:
+        from zenjax.attention.meta import select_rows
+        k_cache, v_cache, k_scale, v_scale = select_rows(kv_rows, k_cache, v_cache, k_scale, v_scale)
+        kv_rows = None
     if T <= DECODE_MAX_T and (chunk_len is None or T < chunk_len):
         block_k = _block(DECODE_BLOCK_K, chunk_len, "decode key")
         if k_scale is None or k_cache.shape[1] % block_k == 0:
@@ -99,17 +106,24 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
         B, N = q.shape[-4], q.shape[-2]                               # q [3,]B,T,N,H
         splits = prefill_num_splits(B, N, T, k_cache.shape[1], block_k) if SPLIT_KEYS else 1
         return dca_prefill_mgpu(q, k_cache, v_cache, q_start, kv_len, chunk_len=chunk_len, block_k=block_k,
-                                max_concurrent_steps=MGPU_STEPS, num_splits=splits, interpret=False)
+                                max_concurrent_steps=MGPU_STEPS, num_splits=splits, interpret=False,
+                                kv_rows=kv_rows)
     return dca_prefill(q, k_cache, v_cache, q_start, kv_len, **triton)
 
 
 READS_FP8 = True     # the decode kernel reads an e4m3 cache and its scales; prefill dequantizes (attention_lse)
+# meta.kv_rows: the Mosaic prefill kernel reads a prefilling slot's row of the server's [max_batch, S, K, H]
+# cache in place. Why: handed a slice, XLA copies the row into a new buffer for the kernel call, per layer
+# and piece: at S = 132096 (4 kv heads, d 128, bf16) 270 MB of K/V read and written per layer, ~15 GB and
+# ~5 ms a piece on an H100 whatever the piece's size or context, which a 100 ms inter-token budget pays on
+# each of its ~150 small pieces of a 128K prompt (benchmarks/RESULTS.md, session 15).
+READS_KV_ROWS = True
 
 
 def run(q, k_cache, v_cache, meta, k_scale=None, v_scale=None):
     """The dispatcher's entry: (out in q's dtype, lse float32)."""
     return attention_lse(q, k_cache, v_cache, q_start=meta.q_start, kv_len=meta.kv_len, dca=meta.dca,
-                         k_scale=k_scale, v_scale=v_scale)
+                         k_scale=k_scale, v_scale=v_scale, kv_rows=meta.kv_rows)
 
 
 def SPARSE_READY() -> bool:
