@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from zenjax.serve import zenjax_pb2 as pb
 from zenjax.serve import zenjax_pb2_grpc as pb_grpc
+from zenjax.serve.events import Delta, Progress   # the same events the server's handlers read
 
 FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                   pb.FINISH_REASON_CANCELLED: "cancelled", pb.FINISH_REASON_UNSPECIFIED: "unspecified"}
@@ -27,18 +28,6 @@ _SAMPLING_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", 
                     "stop", "stop_token_ids", "ignore_eos")
 # the client accepts what the server may send; the server's own caps derive from its max_model_len
 MAX_MESSAGE_BYTES = 256 * 2**20
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress:
-    prefilled: int
-    total: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Delta:
-    text: str
-    token_ids: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Order for one request: Progress per prefill piece, Delta per token (the first one ends the prefill), then
 exactly one Finished (stop / length / cancelled) or Failed. Each front end (gRPC, HTTP) turns them into
-its protocol's messages; they carry nothing transport-specific.
+its protocol's messages; they carry nothing transport-specific. The gRPC client (zenjax/client) yields
+the same Progress and Delta.
 """
 from __future__ import annotations
 
