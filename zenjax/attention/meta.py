@@ -47,8 +47,9 @@ class AttentionMeta:
 
 def select_rows(kv_rows, *bufs):
     """The rows kv_rows [B] of each cache buffer ([R, S, ...] -> [B, S, ...]; None stays None), as a copy.
-    One row (a prefilling slot) is a dynamic slice; XLA hands a kernel call that slice as a new buffer,
-    which is why kernels that can index the cache themselves take kv_rows instead (READS_KV_ROWS)."""
+    One row (a prefilling slot) is a dynamic slice, which a kernel call is expected to get as a new
+    buffer (a copy; zenjax/attention/pallas.py READS_KV_ROWS), which is why kernels that can index the
+    cache themselves take kv_rows instead."""
     def pick(buf):
         if buf is None:
             return None

@@ -113,10 +113,11 @@ def attention_lse(q, k_cache, v_cache, *, q_start, kv_len, dca: DCAConfig | None
 
 READS_FP8 = True     # the decode kernel reads an e4m3 cache and its scales; prefill dequantizes (attention_lse)
 # meta.kv_rows: the Mosaic prefill kernel reads a prefilling slot's row of the server's [max_batch, S, K, H]
-# cache in place. Why: handed a slice, XLA copies the row into a new buffer for the kernel call, per layer
-# and piece: at S = 132096 (4 kv heads, d 128, bf16) 270 MB of K/V read and written per layer, ~15 GB and
-# ~5 ms a piece on an H100 whatever the piece's size or context, which a 100 ms inter-token budget pays on
-# each of its ~150 small pieces of a 128K prompt (benchmarks/RESULTS.md, session 15).
+# cache in place. Why: a kernel call takes its operands as buffers, so a dynamic slice of the row is expected
+# to be copied into a new one per layer and piece: at S = 132096 (4 kv heads, d 128, bf16) 270 MB of K/V
+# read and written per layer, ~15 GB and ~5 ms a piece on an H100 whatever the piece's size or context,
+# which a 100 ms inter-token budget would pay on each of its ~150 small pieces of a 128K prompt
+# (benchmarks/RESULTS.md, session 15). Not yet measured: benchmarks/check_kv_rows.py times both ways.
 READS_KV_ROWS = True
 
 
