@@ -43,6 +43,15 @@ largest fitting piece and the chat's decode step, whose weight read the piece al
 the piece + FUSED_ROWS + the step's attention, an assumed marginal): plain t=0 1.049 (ITL max 99.6 ms),
 mid 1.024; grid t=0 1.066, mid 1.038, with pieces 512:39 1024:78 2048:11 instead of 256:60 512:52
 1024:65 2048:7 (fewer, larger pieces: no decode step to leave room for).
+
+Calibration against the GPU (session 16): the H100 measured fused 1.229x (RESULTS.md, session 15); the grid
+model with --c0-ms 13 gives 1.219x, so the measured gap is the per-call cost, not the pacing. Fused, grid,
+t=0, by c0 and bucket set ("fine": FINE_BUCKETS, steps of ~1.5x, now zenjax.runner's):
+    c0 ms   new (powers of two)   fine
+    13      1.219                 1.161
+     8      1.125                 1.099
+     5      1.081                 1.063
+     3      1.066                 1.044
 """
 from __future__ import annotations
 
@@ -60,7 +69,8 @@ from zenjax.serve.pacing import FIT_MARGIN, fit_nonnegative
 from zenjax.serve.scheduler import Request, Scheduler
 
 OLD_BUCKETS = (256, 2048, 8192)
-NEW_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+NEW_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)                 # powers of two (before session 16)
+FINE_BUCKETS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)  # zenjax.runner.PREFILL_BUCKETS
 C0, A, B_ATT = 3e-3, 26e-6, 6.15e-10
 GRID_SMALL = {256: 12.5e-3, 512: 19e-3, 1024: 30e-3}     # c0 + B * a_B at no context, B < 2048
 
@@ -164,7 +174,8 @@ def sweep(long: int, max_itl_ms: float) -> list[dict]:
     rows = []
     cases = [(m, b, old, False) for m, b, old in itertools.product(MODELS, [("old", OLD_BUCKETS), ("new", NEW_BUCKETS)],
                                                                     (True, False))]
-    cases += [(m, ("new", NEW_BUCKETS), False, True) for m in MODELS]            # + the fused decode step
+    cases += [(m, b, False, True) for m in MODELS                                # + the fused decode step
+              for b in (("new", NEW_BUCKETS), ("fine", FINE_BUCKETS))]
     for model, (bname, buckets), old, fused in cases:
         alone = simulate(model, buckets, long=long, chat_at=None, max_itl_ms=max_itl_ms, old_bound=old)
         for start, at in (("t=0", 0.0), ("mid", alone["ttft_s"] / 2)):
@@ -188,11 +199,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    global C0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--long", type=int, default=131072)
     ap.add_argument("--max-itl-ms", type=float, default=100.0)
     ap.add_argument("--out", help="also write the rows as JSON here")
+    ap.add_argument("--c0-ms", type=float, default=C0 * 1e3,
+                    help="per-call cost c0 of a prefill piece (13 reproduces the H100's measured fused 1.229x)")
     args = ap.parse_args(argv)
+    C0 = args.c0_ms * 1e-3
     rows = sweep(args.long, args.max_itl_ms)
     print(table(rows))
     if args.out:

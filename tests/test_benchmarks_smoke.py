@@ -54,4 +54,4 @@ def test_pacing_sim_smoke(tmp_path, capsys):
     from benchmarks import pacing_sim
     assert pacing_sim.main(["--long", "16384", "--out", str(tmp_path / "sim.json")]) == 0
     rows = json.loads((tmp_path / "sim.json").read_text())
-    assert len(rows) == (2 * 2 * 2 + 2) * 2 and "ratio" in capsys.readouterr().out
+    assert len(rows) == (2 * 2 * 2 + 2 * 2) * 2 and "ratio" in capsys.readouterr().out

@@ -160,9 +160,9 @@ def test_bad_step_counts_and_finished_slots_are_refused():
 
 
 def test_prefill_buckets():
-    assert prefill_buckets(8192, None) == (256, 512, 1024, 2048, 4096, 8192)
+    assert prefill_buckets(8192, None) == (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
     assert prefill_buckets(512, None) == (256, 512)
-    assert prefill_buckets(2048, 1000) == (256, 512, 1000)  # DCA: no piece is longer than s
+    assert prefill_buckets(2048, 1000) == (256, 512, 768, 1000)  # DCA: no piece is longer than s
     assert prefill_buckets(100, None) == (100,)
     plain = dataclasses.replace(CFG, dca=None)
     ec = engine_config(max_model_len=700, prefill_chunk=512, max_batch=1, attention="reference", dtype="float32")

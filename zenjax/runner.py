@@ -47,10 +47,14 @@ from zenjax.sampling import SamplerState, sample
 from zenjax.sharding import CACHE_AXES, sharding_for
 
 CACHE_ALIGN = 128         # cache slots are a multiple of the Mosaic GPU prefill kernel's key tile
-# prefill step sizes below prefill_chunk (which is always one): powers of two, so while a stream decodes
-# the scheduler can take the largest piece that fits the inter-token budget (with only 256/2048/8192 a
-# gap that 8192 does not fit fell to 2048, and the rest of it to 256-token pieces)
-PREFILL_BUCKETS = (256, 512, 1024, 2048, 4096, 8192)
+# prefill step sizes below prefill_chunk (which is always one), so while a stream decodes the scheduler can
+# take the largest piece that fits the inter-token budget. With only 256/2048/8192 a gap that 8192 did not
+# fit fell to 2048, and the rest of it to 256-token pieces. Powers of two alone still left a third of a
+# gap unused: on the H100 at 128K context a 100 ms gap held a 1024 piece of ~65 ms where 1536 fits (chat
+# gap p50 66 ms), and every extra piece pays the ~13 ms per-call cost (RESULTS.md, session 15). Steps of
+# ~1.5x between 512 and 4096 (benchmarks/pacing_sim.py, c0 = 13 ms: fused TTFT 1.219x -> 1.161x of
+# alone) cost three more compilations of each prefill step (warmup), nothing per call.
+PREFILL_BUCKETS = (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192)
 DECODE_BLOCK = 16         # most decode steps one device call runs
 
 
@@ -58,8 +62,8 @@ def prefill_buckets(chunk: int, dca_chunk_len: int | None) -> tuple[int, ...]:
     """Prefill step sizes: PREFILL_BUCKETS below the cap, plus the cap = prefill_chunk, or the DCA chunk
     length s when that is smaller (pieces never cross a DCA boundary, so none is longer than s).
 
-    Examples: chunk 8192 -> (256, 512, 1024, 2048, 4096, 8192); chunk 512 -> (256, 512); chunk 2048
-    with s = 1000 -> (256, 512, 1000)."""
+    Examples: chunk 8192 -> (256, 512, 768, 1024, 1536, 2048, 3072, 4096, 8192); chunk 512 -> (256, 512);
+    chunk 2048 with s = 1000 -> (256, 512, 768, 1000)."""
     cap = chunk if dca_chunk_len is None else min(chunk, dca_chunk_len)
     return tuple(sorted({b for b in PREFILL_BUCKETS if b < cap} | {cap}))
 
