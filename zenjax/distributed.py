@@ -250,7 +250,8 @@ def follow_server(config) -> int:
     import sys
 
     import zenjax
-    from zenjax.serve.service import engine_kwargs
+    from zenjax.serve.service import engine_kwargs, use_compile_cache
+    use_compile_cache(config.compile_cache)
     engine = zenjax.load(config.checkpoint, **engine_kwargs(config))
     n = follow(engine.runner)
     print(f"zenjax: process {config.distributed.process_id}: followed {n} steps of process 0", file=sys.stderr)

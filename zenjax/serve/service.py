@@ -73,6 +73,7 @@ class ServerConfig:
     tensor_parallel: int = 1          # devices per model for heads / MLP widths (zenjax/sharding.py)
     expert_parallel: int = 1          # MoE experts split this many ways (times tensor_parallel devices)
     distributed: DistributedConfig = DistributedConfig()   # several processes: zenjax/distributed.py
+    compile_cache: str | None = None  # directory of JAX's persistent compilation cache; None: off
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
                          "holds prefills only the rest (0: off; default %(default)s)")
     ap.add_argument("--tensor-parallel", type=int, default=d.tensor_parallel, help="devices per model (heads)")
     ap.add_argument("--expert-parallel", type=int, default=d.expert_parallel, help="MoE experts split N ways")
+    ap.add_argument("--compile-cache", default=d.compile_cache, metavar="DIR",
+                    help="keep compiled steps in DIR (JAX's persistent compilation cache): a restart with the "
+                         "same model, flags and jax version loads them instead of compiling (the warm-up "
+                         "compiles ~20 steps, ~10 s each for a 7B model on a GPU); default: off")
     add_distributed_arguments(ap)
     return ap
 
@@ -154,7 +159,9 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--tls-key", a.tls_key is None or os.path.isfile(a.tls_key), "is not a file"),
               ("--api-key-file", a.api_key_file is None or os.path.isfile(a.api_key_file), "is not a file"),
               ("--tensor-parallel", a.tensor_parallel >= 1, "must be >= 1"),
-              ("--expert-parallel", a.expert_parallel >= 1, "must be >= 1")]
+              ("--expert-parallel", a.expert_parallel >= 1, "must be >= 1"),
+              ("--compile-cache", a.compile_cache is None or not os.path.exists(a.compile_cache)
+               or os.path.isdir(a.compile_cache), "exists and is not a directory")]
     checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
                    "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
     checks.append(("--sparse", a.sparse in ("auto", "on", "off") or os.path.isfile(a.sparse),
@@ -180,7 +187,22 @@ def config_from_args(argv=None) -> ServerConfig:
                         reflection=not a.no_reflection, tls_cert=a.tls_cert, tls_key=a.tls_key, api_key=api_key,
                         allow_special_tokens_in_content=a.allow_special_tokens_in_content,
                         max_itl_ms=a.max_itl_ms, prefix_reuse_min=a.prefix_reuse_min,
-                        tensor_parallel=a.tensor_parallel, expert_parallel=a.expert_parallel, distributed=dist)
+                        tensor_parallel=a.tensor_parallel, expert_parallel=a.expert_parallel, distributed=dist,
+                        compile_cache=a.compile_cache)
+
+
+def use_compile_cache(path: str | None) -> None:
+    """Point JAX's persistent compilation cache at `path` (None: leave it off), before the first compile.
+    Every compiled step is kept, however fast it compiled (JAX's default keeps only those over 1 s): the
+    row updates are tiny but a restart would still wait for each. The cache key covers the HLO, the
+    devices, the flags and the jax version, so a different model or setting compiles afresh."""
+    if path is None:
+        return
+    import jax
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def engine_kwargs(c: ServerConfig) -> dict:
@@ -279,6 +301,7 @@ class Service:
         t0 = time.monotonic()
         if self.engine is None:
             import zenjax
+            use_compile_cache(c.compile_cache)
             self.engine = zenjax.load(c.checkpoint, **engine_kwargs(c))
             if c.distributed.enabled:         # process 0 of several: the others replay its device calls
                 from zenjax.distributed import LeaderRunner
