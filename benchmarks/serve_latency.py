@@ -120,7 +120,8 @@ def part_itl(engine, a) -> None:
     sch.stop()
     emit(dict(part="itl", case="long_alone", prompt_tokens=a.long, ttft_s=round(alone, 3),
               pieces=sch.metrics.piece_counts()))
-    for budget, fuse in itertools.product((a.max_itl_ms, 0.0), (True, False)):
+    cases = list(itertools.product((a.max_itl_ms, 0.0), (True, False)))
+    for budget, fuse in cases[:1] if a.itl_fused_only else cases:
         sch = run_scheduler(engine, max_itl_ms=budget, fuse=fuse)
         pieces = record_pieces(sch)
         chat_req, chat = submit(sch, "chat", ids_of(200, 2, V), max_new_tokens=a.long, ignore_eos=True)
@@ -236,6 +237,8 @@ def parse_args(argv=None):
     ap.add_argument("--attention", default="pallas")
     ap.add_argument("--max-itl-ms", type=float, default=100.0)
     ap.add_argument("--reuse-min", type=int, default=256)
+    ap.add_argument("--itl-fused-only", action="store_true",
+                    help="itl: only the fused case at --max-itl-ms (not separate calls, not unbounded)")
     ap.add_argument("--stream-tokens", type=int, default=None, help="tokens per stream (default 256; --tiny 32)")
     ap.add_argument("--parts", default="itl,reuse,server")
     a = ap.parse_args(argv)
