@@ -178,6 +178,16 @@ def peak_memory_gib() -> float:
     return stats.get("peak_bytes_in_use", 0) / 2**30
 
 
+def trace_dir(name: str) -> str:
+    """Where a profiler trace goes: $OUT/name when $OUT is set (the device tool brings it back), else a new
+    temporary directory, so a local run never writes traces into the working tree."""
+    out = os.environ.get("OUT")
+    if out:
+        return os.path.join(out, name)
+    import tempfile
+    return tempfile.mkdtemp(prefix=f"zenjax-{name}-")
+
+
 def write_json(name: str, data: dict, echo: bool = True) -> None:
     """data as $OUT/name (when $OUT is set: the device tool brings it back) and, with echo, on stdout."""
     out = os.environ.get("OUT")

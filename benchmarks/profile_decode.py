@@ -22,7 +22,7 @@ import time
 
 import jax
 
-from benchmarks.common import add_model_args, model_from_args, random_params, write_json
+from benchmarks.common import add_model_args, model_from_args, random_params, trace_dir, write_json
 from benchmarks.prefill import make_engine
 from zenjax.sampling import SamplingParams
 
@@ -73,7 +73,7 @@ def main(argv=None):
     engine.assume_prefilled(0, a.context)
     engine.decode_steps([0], n)                                   # compile + warm
     engine.decode_steps([0], n)
-    logdir = os.path.join(os.environ.get("OUT", "."), "profile_decode")
+    logdir = trace_dir("profile_decode")
     t0 = time.perf_counter()
     with jax.profiler.trace(logdir, create_perfetto_trace=True):
         for _ in range(a.calls):

@@ -6,12 +6,13 @@ decode step, per bucket and at a short and a long context, and a profiler table 
 
 The engine is serve_latency.py's (Qwen2.5-7B-1M shape, random bf16 weights, DCA, pallas attention,
 max_model_len = long + 1024, 4 slots): slot 0 prefills, slot 1 decodes a 200-token chat. For each size b
-and each context E (the piece's start: 2048 and long - 4b), the median of 5 calls of: the piece alone
-(engine.prefill_next), the piece fused with slot 1's decode step (engine.prefill_and_decode), and slot 1's
-decode step alone. The model t(b, E) = c0 + b * (a_b + beta * E) makes c0 the per-call cost that no
-matmul row pays for; `per_row_us` at 8192 rows (one full chunk, not measured here: serve_latency's 8.8 s
-prompt alone / 131072 rows = 67 us at 128K mean context) is what a row costs in a big step. The slot's
-position is set without running the earlier pieces (costs do not depend on the cache's values).
+and each context E (the piece's start: 2048, and long - (calls + 5) * b so the pieces stay in the cache),
+the median of `--calls` calls of: the piece alone (engine.prefill_next), the piece fused with slot 1's
+decode step (engine.prefill_and_decode), and slot 1's decode step alone. In the model
+t(b, E) = c0 + b * (a_b + beta * E), c0 is the per-call cost that no matmul row pays for; the fused times
+at the short context of the smallest and largest size give a line whose intercept estimates it
+(`fit_short_fused`). The slot's position is set without running the earlier pieces (costs do not depend
+on the cache's values).
 Then `--trace` fused calls of `--trace-size` rows at the short context go through jax.profiler, and the
 per-kernel table (profile_decode.kernel_table) says what the call spends beyond the matmuls.
 """
@@ -25,23 +26,10 @@ import time
 
 import jax
 
-from benchmarks.common import write_json
+from benchmarks.common import trace_dir, write_json
 from benchmarks.profile_decode import kernel_table
+from benchmarks.serve_latency import build_engine
 from zenjax.sampling import SamplingParams
-
-
-def build(a):
-    import jax.numpy as jnp
-
-    from benchmarks.common import QWEN25_7B_1M, SMOKE, random_params
-    from zenjax.config import engine_config
-    from zenjax.engine import Engine
-    cfg = SMOKE if a.tiny else QWEN25_7B_1M
-    params = random_params(cfg, jnp.float32 if a.tiny else jnp.bfloat16)
-    ec = engine_config(max_model_len=a.long + 1024, prefill_chunk=8192, max_batch=4,
-                       attention="reference" if a.tiny else "pallas",
-                       dtype="float32" if a.tiny else "bfloat16", platform="any")
-    return Engine(cfg, params, ec, verbose=False)
 
 
 def place(engine, slot: int, start: int, size: int, calls: int) -> None:
@@ -64,19 +52,21 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--trace", type=int, default=3)
     ap.add_argument("--trace-size", type=int, default=512)
+    ap.add_argument("--attention", default="pallas")
     ap.add_argument("--tiny", action="store_true")
     a = ap.parse_args(argv)
+    a.chunk = 8192
     if a.tiny:
         a.long, a.sizes = 8192, "256,512"
-    engine = build(a)
+    engine = build_engine(a)                              # serve_latency's engine
     sizes = [int(s) for s in a.sizes.split(",")]
     chat = 1
     engine.start(chat, [1] * 200, SamplingParams(max_new_tokens=10**6, ignore_eos=True))
     while engine.prefill_next(chat) is None:
         pass
-    rows = []
+    rows, short = [], []
     for b in sizes:
-        for start in (2048, a.long - 4 * b - (a.calls + 1) * b):
+        for i, start in enumerate((2048, a.long - (a.calls + 5) * b)):
             start = max(0, start) // b * b
             n = a.calls + 1                               # + 1 warm (compile) call, not counted
             place(engine, 0, start, b, n)
@@ -90,15 +80,16 @@ def main(argv=None):
                        decode_ms=round(statistics.median(step) * 1e3, 2))
             print(row, flush=True)
             rows.append(row)
+            if i == 0:
+                short.append((b, row["fused_ms"]))
     out = {"long": a.long, "cache_len": engine.cache_len, "rows": rows,
            "trace_counts": dict(engine.trace_counts)}     # one per step and size: no call recompiled
     print("trace_counts", out["trace_counts"], flush=True)
     # c0 per size from its two contexts is not identifiable (one line per size); across sizes at the
     # short context, t = c0 + b * a fits c0 (a: per-row cost, assumed equal across these sizes: an upper
     # bound on c0's share when small pieces are less efficient per row)
-    short = sorted((r["size"], r["fused_ms"]) for r in rows if r["start"] == min(x["start"] for x in rows if x["size"] == r["size"]))
     if len(short) >= 2:
-        (b0, t0), (b1, t1) = short[0], short[-1]
+        (b0, t0), (b1, t1) = min(short), max(short)
         per_row = (t1 - t0) / (b1 - b0)
         out["fit_short_fused"] = dict(per_row_us=round(per_row * 1e3, 2), c0_ms=round(t0 - b0 * per_row, 2))
         print("short-context fused fit:", out["fit_short_fused"], flush=True)
@@ -106,7 +97,7 @@ def main(argv=None):
         b = a.trace_size if a.trace_size in sizes else sizes[0]
         place(engine, 0, 2048 // b * b, b, a.trace + 1)
         engine.prefill_and_decode(0, [chat], b)
-        logdir = os.path.join(os.environ.get("OUT", "."), "profile_piece")
+        logdir = trace_dir("profile_piece")
         t0 = time.perf_counter()
         with jax.profiler.trace(logdir, create_perfetto_trace=True):
             for _ in range(a.trace):
