@@ -64,3 +64,6 @@ def test_compile_cache_flag(tmp_path):
     f.write_text("x")
     with pytest.raises(SystemExit):
         config_from_args(["--compile-cache", str(f)])                 # a file, not a directory
+    with pytest.raises(SystemExit):
+        config_from_args(["--compile-cache", str(f / "sub")])         # cannot be made: a file is in the way
+    assert not (tmp_path / "c").exists()                              # parsing creates nothing

@@ -160,8 +160,8 @@ def config_from_args(argv=None) -> ServerConfig:
               ("--api-key-file", a.api_key_file is None or os.path.isfile(a.api_key_file), "is not a file"),
               ("--tensor-parallel", a.tensor_parallel >= 1, "must be >= 1"),
               ("--expert-parallel", a.expert_parallel >= 1, "must be >= 1"),
-              ("--compile-cache", a.compile_cache is None or not os.path.exists(a.compile_cache)
-               or os.path.isdir(a.compile_cache), "exists and is not a directory")]
+              ("--compile-cache", a.compile_cache is None or _can_be_directory(a.compile_cache),
+               "is not a directory and cannot be made one (a file is in the way, or no write access)")]
     checks.append(("--dca", parse_dca(a.dca) is not None or a.dca in ("auto", "off"),
                    "must be auto, off or CHUNK,LOCAL,ORIGINAL_MAX (integers, LOCAL < CHUNK)"))
     checks.append(("--sparse", a.sparse in ("auto", "on", "off") or os.path.isfile(a.sparse),
@@ -189,6 +189,18 @@ def config_from_args(argv=None) -> ServerConfig:
                         max_itl_ms=a.max_itl_ms, prefix_reuse_min=a.prefix_reuse_min,
                         tensor_parallel=a.tensor_parallel, expert_parallel=a.expert_parallel, distributed=dist,
                         compile_cache=a.compile_cache)
+
+
+def _can_be_directory(path: str) -> bool:
+    """path is a directory, or its nearest existing ancestor is a directory we may create entries in, so
+    os.makedirs(path) at load will succeed (checked at parse time: a bad flag fails before any loading)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        return os.path.isdir(path)
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
 
 
 def use_compile_cache(path: str | None) -> None:
